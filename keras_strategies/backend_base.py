@@ -1,0 +1,87 @@
+"""What every backend implementation shares; the backends subclass it."""
+
+import contextlib
+
+from keras_strategies.devices import normalize_devices
+from keras_strategies.errors import unsupported
+
+
+def state_variables(model):
+    """Every variable a training step touches: model, optimizer and metrics.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        A list of Keras variables without duplicates, in a stable order.
+    """
+    found, seen = [], set()
+    groups = [model.variables, getattr(model, "metrics_variables", [])]
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        groups.append(optimizer.variables)
+    for group in groups:
+        for variable in group:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                found.append(variable)
+    return found
+
+
+def reset_compiled_functions(model):
+    """Drops the model's traced/jitted step functions so they are built anew."""
+    model.train_function = None
+    model.test_function = None
+    model.predict_function = None
+
+
+class BackendStrategy:
+    """One backend's implementation of one strategy.
+
+    Subclasses resolve the devices in `__init__` and override the hooks.
+
+    Args:
+        strategy: the user-facing `keras_strategies.Strategy`.
+        devices: the devices the user asked for, or `None`.
+    """
+
+    def __init__(self, strategy, devices):
+        self.strategy = strategy
+        self.name = type(strategy).__name__
+        self.kind = strategy.kind
+        self.devices = self.resolve_devices(
+            None if devices is None else normalize_devices(devices, self.name)
+        )
+        self.native = None
+
+    backend = None  # set by subclasses
+
+    # -- who am I (one process unless a subclass says otherwise) -------------
+    num_workers = 1
+    worker_index = 0
+
+    @property
+    def num_replicas_in_sync(self):
+        return len(self.devices) if self.kind == "mirrored" else 1
+
+    def resolve_devices(self, requested):
+        """Returns the devices to use, as canonical Keras names."""
+        raise NotImplementedError  # each backend overrides it
+
+    def unsupported(self, missing, fix=None):
+        return unsupported(self.name, self.backend, missing, fix)
+
+    # -- hooks ---------------------------------------------------------------
+    def scope(self):
+        """Entered by `Strategy.scope()`: models built inside belong to it."""
+        return contextlib.nullcontext()
+
+    def attach(self, model):
+        """Lays out a model built outside the scope for this strategy."""
+
+    def detach(self, model):
+        """Undoes `attach`, leaving an ordinary single-device model."""
+
+    def run_context(self, model):
+        """Entered around each fit/evaluate/predict of the model."""
+        return self.scope()

@@ -1,0 +1,88 @@
+"""Adds `distribution=` to `keras.Model.fit`, `evaluate` and `predict`.
+
+Installed once by `import keras_strategies`. Keras's own methods are kept and
+called; the wrapper only picks the strategy and hands the call to it:
+
+- `distribution=` given: that strategy (pattern 1);
+- else the strategy the model was built under (pattern 2, tf.distribute idiom);
+- else the strategy whose `scope()` is active;
+- else Keras's method runs untouched.
+"""
+
+import functools
+import inspect
+
+from keras.src.models.model import Model
+from keras.src.trainers import trainer as base_trainer
+
+from keras_strategies import strategies
+from keras_strategies.errors import StrategyError
+
+_METHODS = ("fit", "evaluate", "predict")
+_installed = False
+
+
+def _add_distribution_parameter(original):
+    signature = inspect.signature(original)
+    params = list(signature.parameters.values())
+    new = inspect.Parameter("distribution", inspect.Parameter.KEYWORD_ONLY, default=None)
+    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        params.insert(len(params) - 1, new)
+    else:
+        params.append(new)
+    return signature.replace(parameters=params)
+
+
+def _wrap(name, original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def method(self, *args, distribution=None, **kwargs):
+        if distribution is not None and not isinstance(distribution, strategies.Strategy):
+            raise StrategyError(
+                f"{name}(distribution=...) takes a keras_strategies strategy "
+                f"such as keras_strategies.Mirrored(); got {distribution!r}."
+            )
+        running = self.__dict__.get("_ks_running")
+        if running is not None:
+            # A nested call, e.g. the evaluate() that fit(validation_data=...)
+            # makes: the strategy is already in place.
+            return original(self, *args, **kwargs)
+        strategy = (
+            distribution
+            or strategies.model_strategy(self)
+            or strategies.current_strategy()
+        )
+        if strategy is None:
+            return original(self, *args, **kwargs)
+        arguments = signature.bind(self, *args, **kwargs)
+        return strategy._run(self, name, original, arguments)
+
+    method.__signature__ = _add_distribution_parameter(original)
+    del method.__wrapped__  # so inspect.signature shows `distribution`
+    method._ks_original = original
+    return method
+
+
+def _wrap_trainer_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        strategy = strategies.current_strategy()
+        if strategy is not None:
+            # Plain __dict__ entry: Keras (and torch.nn.Module) do not track it.
+            self.__dict__["_ks_strategy"] = strategy
+
+    __init__._ks_original = original
+    return __init__
+
+
+def install():
+    """Patches `keras.Model` once; later calls do nothing."""
+    global _installed
+    if _installed:
+        return
+    for name in _METHODS:
+        setattr(Model, name, _wrap(name, getattr(Model, name)))
+    base_trainer.Trainer.__init__ = _wrap_trainer_init(base_trainer.Trainer.__init__)
+    _installed = True

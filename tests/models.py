@@ -1,0 +1,90 @@
+"""Small models and data shared by the tests."""
+
+import keras
+import numpy as np
+
+FEATURES = 8
+CLASSES = 3
+
+
+def make_data(n=69, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES)).astype("float32")
+    y = rng.integers(0, CLASSES, size=(n,)).astype("int32")
+    return x, y
+
+
+def functional(batch_norm=False):
+    inputs = keras.Input((FEATURES,))
+    h = keras.layers.Dense(16, activation="relu")(inputs)
+    if batch_norm:
+        h = keras.layers.BatchNormalization()(h)
+    outputs = keras.layers.Dense(CLASSES, activation="softmax")(h)
+    return keras.Model(inputs, outputs)
+
+
+def sequential(batch_norm=False):
+    layers = [keras.Input((FEATURES,)), keras.layers.Dense(16, activation="relu")]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(CLASSES, activation="softmax"))
+    return keras.Sequential(layers)
+
+
+class Subclassed(keras.Model):
+    def __init__(self, batch_norm=False):
+        super().__init__()
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.norm = keras.layers.BatchNormalization() if batch_norm else None
+        self.out = keras.layers.Dense(CLASSES, activation="softmax")
+
+    def build(self, input_shape):
+        self.hidden.build(input_shape)
+        if self.norm is not None:
+            self.norm.build((None, 16))
+        self.out.build((None, 16))
+
+    def call(self, x, training=False):
+        h = self.hidden(x)
+        if self.norm is not None:
+            h = self.norm(h, training=training)
+        return self.out(h)
+
+
+class CustomTrainStep(Subclassed):
+    """A model with its own train_step wrapping Keras's (counted in Python,
+    which runs per trace on TF/JAX and per step on torch)."""
+
+    train_step_calls = 0
+
+    def train_step(self, *args, **kwargs):
+        type(self).train_step_calls += 1
+        return super().train_step(*args, **kwargs)
+
+
+MODELS = {
+    "functional": functional,
+    "sequential": sequential,
+    "subclassed": Subclassed,
+    "custom_train_step": CustomTrainStep,
+}
+
+
+def build(kind, weights=None, batch_norm=False):
+    model = MODELS[kind](batch_norm=batch_norm)
+    model.build((None, FEATURES))
+    if weights is not None:
+        model.set_weights(weights)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.1),
+        loss="sparse_categorical_crossentropy",
+        metrics=["sparse_categorical_accuracy"],
+    )
+    return model
+
+
+def initial_weights(kind, batch_norm=False):
+    keras.utils.set_random_seed(1234)
+    model = MODELS[kind](batch_norm=batch_norm)
+    model.build((None, FEATURES))
+    return model.get_weights()

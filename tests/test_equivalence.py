@@ -1,0 +1,75 @@
+"""Training under a strategy equals single-device training on the same global
+batches: weights, history, evaluate and predict; both usage patterns."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_strategies as ks
+from models import CustomTrainStep, build, initial_weights, make_data
+
+BATCH = 16  # global batch; 69 samples leave a last batch of 5
+EPOCHS = 2
+TOL = 1e-5
+
+
+def make_strategy(name, devices):
+    if name == "default":
+        return ks.Default()
+    if name == "one_device":
+        return ks.OneDevice("cpu:0")
+    return ks.Mirrored(devices=devices)
+
+
+def reference(kind, x, y, batch_norm=False):
+    model = build(kind, initial_weights(kind, batch_norm), batch_norm)
+    history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    return model, history.history
+
+
+def assert_same(model, history, ref_model, ref_history, x, y):
+    for got, want in zip(model.get_weights(), ref_model.get_weights()):
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+    assert history.keys() == ref_history.keys()
+    for key in ref_history:
+        np.testing.assert_allclose(history[key], ref_history[key], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("strategy_name", ["default", "one_device", "mirrored"])
+@pytest.mark.parametrize("kind", ["functional", "sequential", "subclassed", "custom_train_step"])
+@pytest.mark.parametrize("pattern", ["fit_argument", "scope"])
+def test_training_equals_single_device(strategy_name, kind, pattern, replica_devices):
+    x, y = make_data()
+    ref_model, ref_history = reference(kind, x, y)
+    strategy = make_strategy(strategy_name, replica_devices)
+    CustomTrainStep.train_step_calls = 0
+    if pattern == "scope":
+        with strategy.scope():
+            model = build(kind, initial_weights(kind))
+        history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    else:
+        model = build(kind, initial_weights(kind))
+        history = model.fit(
+            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
+            distribution=strategy,
+        )
+    assert_same(model, history.history, ref_model, ref_history, x, y)
+    if kind == "custom_train_step":
+        assert CustomTrainStep.train_step_calls > 0
+
+    # evaluate and predict under the strategy give the single-device results
+    kwargs = {} if pattern == "scope" else {"distribution": strategy}
+    ref_eval = ref_model.evaluate(x, y, batch_size=BATCH, verbose=0)
+    got_eval = model.evaluate(x, y, batch_size=BATCH, verbose=0, **kwargs)
+    np.testing.assert_allclose(got_eval, ref_eval, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(
+        model.predict(x, batch_size=BATCH, verbose=0, **kwargs),
+        ref_model.predict(x, batch_size=BATCH, verbose=0),
+        atol=TOL, rtol=TOL,
+    )
+
+
+def test_mirrored_has_real_replicas(replica_devices):
+    strategy = ks.Mirrored(devices=replica_devices)
+    assert strategy.num_replicas_in_sync == len(replica_devices)
+    assert strategy.devices == replica_devices
