@@ -80,6 +80,17 @@ def _share_weighted_train_step(train_step):
     return step
 
 
+_mirrored_strategies = {}
+
+
+def _mirrored_strategy(devices):
+    """One MirroredStrategy per device set and process: separate instances
+    reuse the same collective keys, and their all-reduces then collide."""
+    if devices not in _mirrored_strategies:
+        _mirrored_strategies[devices] = tf.distribute.MirroredStrategy(list(devices))
+    return _mirrored_strategies[devices]
+
+
 def _tf_device(name):
     kind, index = parse_device(name)
     return f"/device:{kind.upper()}:{index}"
@@ -156,7 +167,7 @@ class TensorFlowStrategy(BackendStrategy):
         elif self.kind == "one_device":
             self.native = tf.distribute.OneDeviceStrategy(names[0])
         elif self.kind == "mirrored":
-            self.native = tf.distribute.MirroredStrategy(names)
+            self.native = _mirrored_strategy(tuple(names))
         else:
             raise self.unsupported(f"unknown strategy kind {self.kind!r}")
 

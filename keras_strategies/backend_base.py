@@ -1,5 +1,6 @@
 """What every backend implementation shares; the backends subclass it."""
 
+import abc
 import contextlib
 
 from keras_strategies.devices import normalize_devices
@@ -35,7 +36,7 @@ def reset_compiled_functions(model):
     model.predict_function = None
 
 
-class BackendStrategy:
+class BackendStrategy(abc.ABC):
     """One backend's implementation of one strategy.
 
     Subclasses resolve the devices in `__init__` and override the hooks.
@@ -64,9 +65,16 @@ class BackendStrategy:
     def num_replicas_in_sync(self):
         return len(self.devices) if self.kind == "mirrored" else 1
 
+    @abc.abstractmethod
     def resolve_devices(self, requested):
-        """Returns the devices to use, as canonical Keras names."""
-        raise NotImplementedError  # each backend overrides it
+        """Returns the devices to use, as canonical Keras names.
+
+        Args:
+            requested: canonical names the user asked for, or `None`.
+
+        Returns:
+            A list of canonical device names.
+        """
 
     def unsupported(self, missing, fix=None):
         return unsupported(self.name, self.backend, missing, fix)

@@ -1,0 +1,56 @@
+"""The public API: names, properties, repr, signatures."""
+
+import inspect
+
+import keras
+
+import keras_strategies as ks
+from conftest import BACKEND
+
+
+def test_public_names():
+    for name in ("Default", "OneDevice", "Mirrored", "Strategy", "StrategyError",
+                 "UnsupportedStrategyError"):
+        assert name in ks.__all__ and hasattr(ks, name)
+
+
+def test_fit_evaluate_predict_show_distribution():
+    for method in (keras.Model.fit, keras.Model.evaluate, keras.Model.predict):
+        parameter = inspect.signature(method).parameters["distribution"]
+        assert parameter.default is None
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_properties_and_repr(replica_devices):
+    for strategy, replicas in (
+        (ks.Default(), 1),
+        (ks.OneDevice("cpu:0"), 1),
+        (ks.Mirrored(devices=replica_devices), len(replica_devices)),
+    ):
+        assert strategy.num_replicas_in_sync == replicas
+        assert strategy.num_workers == 1
+        assert strategy.worker_index == 0
+        assert strategy.is_chief is True
+        assert strategy.backend == BACKEND
+        text = repr(strategy)
+        assert type(strategy).__name__ in text and BACKEND in text
+        for device in strategy.devices:
+            assert device in text
+    assert ks.OneDevice("/device:CPU:0").devices == ["cpu:0"]
+
+
+def test_mirrored_without_devices_uses_local_accelerators_or_one_cpu():
+    strategy = ks.Mirrored()
+    assert strategy.devices == ["cpu:0"]  # this machine has no accelerator
+    assert strategy.num_replicas_in_sync == 1
+
+
+def test_scope_yields_strategy_and_nests():
+    outer, inner = ks.Default(), ks.OneDevice("cpu:0")
+    assert ks.current_strategy() is None
+    with outer.scope() as entered:
+        assert entered is outer and ks.current_strategy() is outer
+        with inner.scope():
+            assert ks.current_strategy() is inner
+        assert ks.current_strategy() is outer
+    assert ks.current_strategy() is None
