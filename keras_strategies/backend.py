@@ -18,21 +18,25 @@ def backend_name():
     return keras.backend.backend()
 
 
-def backend_module(strategy_name="keras_strategies"):
-    """Imports and returns `keras_strategies.backends.<active backend>`.
+def implementation_module(strategy):
+    """Imports the module implementing `strategy` on the active backend.
 
     Args:
-        strategy_name: used in the error raised for an unsupported backend.
+        strategy: a `keras_strategies.Strategy`; its `implementation` names the
+            module, e.g. `"local"` gives `keras_strategies.backends.jax.local`.
 
     Returns:
-        The backend implementation module.
+        The module; its `create(strategy, devices, **options)` builds the
+        backend implementation.
     """
     name = backend_name()
     if name not in SUPPORTED_BACKENDS:
         raise unsupported(
-            strategy_name,
+            type(strategy).__name__,
             name,
             "keras-strategies supports the tensorflow, jax and torch backends only",
             "Set KERAS_BACKEND to one of them.",
         )
-    return importlib.import_module(f"keras_strategies.backends.{name}")
+    return importlib.import_module(
+        f"keras_strategies.backends.{name}.{strategy.implementation}"
+    )

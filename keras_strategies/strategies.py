@@ -51,10 +51,11 @@ class Strategy:
     """
 
     kind = None  # set by each subclass; the backends dispatch on it
+    implementation = "local"  # module in keras_strategies.backends.<backend>
 
     def __init__(self, devices=None, **options):
         self._backend = backend_lib.backend_name()
-        module = backend_lib.backend_module(type(self).__name__)
+        module = backend_lib.implementation_module(self)
         self._impl = module.create(self, devices, **options)
 
     # -- what a user reads ---------------------------------------------------

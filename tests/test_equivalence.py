@@ -1,7 +1,6 @@
 """Training under a strategy equals single-device training on the same global
 batches: weights, history, evaluate and predict; both usage patterns."""
 
-import keras
 import numpy as np
 import pytest
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import keras
 import pytest
 
 import keras_strategies as ks

@@ -9,11 +9,10 @@ import contextlib
 
 import torch
 from keras.src.backend.torch import core as torch_core
+from keras_strategies.backends.torch.common import move_variables, torch_device
 
 from keras_strategies.backend_base import BackendStrategy
-from keras_strategies.backend_base import state_variables
-from keras_strategies.devices import check_available
-from keras_strategies.devices import parse_device
+from keras_strategies.devices import check_available, parse_device
 
 
 def create(strategy, devices, **options):
@@ -21,24 +20,12 @@ def create(strategy, devices, **options):
     return TorchStrategy(strategy, devices, **options)
 
 
-def _torch_device(name):
-    kind, index = parse_device(name)
-    return torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
-
-
-def _move_variables(model, device):
-    for variable in state_variables(model):
-        value = variable._value
-        if value is not None and value.device != device:
-            value.data = value.data.to(device)  # keeps the Parameter object
-
-
 class TorchStrategy(BackendStrategy):
     backend = "torch"
 
     def __init__(self, strategy, devices):
         super().__init__(strategy, devices)
-        self.native = _torch_device(self.devices[0])
+        self.native = torch_device(self.devices[0])
 
     def resolve_devices(self, requested):
         gpus = torch.cuda.device_count()
@@ -72,7 +59,7 @@ class TorchStrategy(BackendStrategy):
         return torch_core.device_scope(str(self.native))
 
     def attach(self, model):
-        _move_variables(model, self.native)
+        move_variables(model, self.native)
 
     def detach(self, model):
-        _move_variables(model, torch.device(torch_core.get_device()))
+        move_variables(model, torch.device(torch_core.get_device()))
