@@ -8,6 +8,7 @@ model.fit(x, y, batch_size=256, distribution=keras_strategies.Mirrored())
 """
 
 from keras_strategies import plugin as _plugin
+from keras_strategies.central_storage import CentralStorage
 from keras_strategies.errors import StrategyError, UnsupportedStrategyError
 from keras_strategies.strategies import (
     Default,
@@ -20,6 +21,7 @@ from keras_strategies.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CentralStorage",
     "Default",
     "Mirrored",
     "OneDevice",
