@@ -1,0 +1,72 @@
+"""TCP port helpers for the cluster description and the launcher (no backend import)."""
+
+import errno
+import socket
+
+
+def _bind_address(host, port):
+    """Returns `(family, sockaddr)` for binding `host:port` (IPv4 or IPv6)."""
+    infos = socket.getaddrinfo(
+        host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def free_port(host="127.0.0.1"):
+    """Returns a TCP port that is free on `host` right now.
+
+    The operating system picks the port; it stays free until someone binds it,
+    so use it soon (another process could take it in between).
+
+    Args:
+        host: the address to probe, `"127.0.0.1"` by default.
+
+    Returns:
+        A port number (int).
+
+    Example:
+    >>> port = free_port()
+    >>> 0 < port < 65536
+    True
+    """
+    family, sockaddr = _bind_address(host, 0)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind(sockaddr)
+        return sock.getsockname()[1]
+
+
+def port_in_use(host, port):
+    """Says whether something on this machine already holds `host:port`.
+
+    Binds the port with `SO_REUSEADDR`, as rendezvous servers (gloo, gRPC,
+    torch's TCPStore) do, so a port left in `TIME_WAIT` by a finished job
+    counts as free and a listening or bound one counts as in use.
+
+    Args:
+        host: an address of this machine (`"127.0.0.1"`, a hostname...).
+        port: the TCP port number.
+
+    Returns:
+        `True` when binding fails because the address is in use; `False`
+        otherwise (including when `host` is not an address of this machine,
+        where nothing can be said).
+
+    Example:
+    >>> import socket
+    >>> with socket.socket() as s:
+    ...     s.bind(("127.0.0.1", 0)); s.listen()
+    ...     port_in_use("127.0.0.1", s.getsockname()[1])
+    True
+    """
+    try:
+        family, sockaddr = _bind_address(host, port)
+    except OSError:
+        return False
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
