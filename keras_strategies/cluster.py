@@ -186,7 +186,12 @@ def _split_address(text, name):
             f"{name}: {text!r} is not a 'host:port' address: write each "
             "address as host:port, e.g. 10.0.0.1:12345."
         )
-    return host, _port(port, f"the port of {text!r} in {name}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ClusterError(
+            f"{name}: {text!r} has no valid port ({port!r}): write host:port "
+            "with a port from 1 to 65535, e.g. 10.0.0.1:12345."
+        )
+    return host, int(port)
 
 
 def _join_address(host, port):
