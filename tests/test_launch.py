@@ -12,12 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from keras_strategies import launch as launch_module
+from keras_strategies.cluster import resolve_cluster
 from keras_strategies.launch import LaunchError, cli, launch, main, rank_thread_settings
 
 SCRIPT = r'''
@@ -136,6 +138,9 @@ def check_prefixed_output(out, err):
         assert fields["MASTER_ADDR"] == "127.0.0.1"
         assert fields["KERAS_STRATEGIES_LAUNCHED"] == "1"
         ports.add(fields["MASTER_PORT"])
+        spec = resolve_cluster(fields)  # what the rank's strategy will read
+        assert (spec.source, spec.rank, spec.world_size) == ("torchrun", rank, 2)
+        assert spec.coordinator == f"127.0.0.1:{fields['MASTER_PORT']}"
         assert f"[rank {rank}] no newline at the end" in lines
         assert f"[rank {rank}] stderr of rank {rank}" in err.splitlines()
     assert len(ports) == 1 and int(ports.pop()) > 0
@@ -177,6 +182,26 @@ def test_timeout_stops_every_rank(script, tmp_path, capfd):
         assert "timed out after 2 s" in err
     finally:
         assert_dead(pids_in(tmp_path))
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_to_the_launcher_stops_all_ranks(script, tmp_path, capfd):
+    def send_sigterm_when_ready():
+        for rank in (0, 1):
+            wait_for_file(tmp_path / f"rank{rank}.pid")
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's handler is installed
+
+    sender = threading.Thread(target=send_sigterm_when_ready, daemon=True)
+    sender.start()
+    try:
+        code = launch([sys.executable, str(script), str(tmp_path), "sleep"], nproc_per_node=2,
+                      timeout=50)
+        assert code == 143
+        assert "SIGTERM" in capfd.readouterr().err
+    finally:
+        sender.join(timeout=60)
+        assert_dead(pids_in(tmp_path))
+    assert len(pids_in(tmp_path)) == 4
 
 
 @pytest.mark.timeout(90)
