@@ -90,6 +90,10 @@ class BackendStrategy(abc.ABC):
     def detach(self, model):
         """Undoes `attach`, leaving an ordinary single-device model."""
 
+    def prepare_call(self, model, method, arguments):
+        """Rewrites a fit/evaluate/predict call's `inspect.BoundArguments`."""
+        return arguments
+
     def run_context(self, model):
         """Entered around each fit/evaluate/predict of the model."""
         return self.scope()

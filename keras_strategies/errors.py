@@ -12,6 +12,13 @@ class UnsupportedStrategyError(RuntimeError):
     """
 
 
+class WorkerError(RuntimeError):
+    """A peer worker died, hung or could not be reached.
+
+    Raised on every surviving worker within the strategy's `timeout`.
+    """
+
+
 def unsupported(strategy_name, backend, missing, fix=None):
     """Builds an `UnsupportedStrategyError` with the standard wording.
 

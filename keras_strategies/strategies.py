@@ -148,6 +148,7 @@ class Strategy:
                 f"again under `{type(self).__name__}(...).scope()`."
             )
         self._check_batch_sizes(method, arguments)
+        arguments = self._prepare_call(model, method, arguments)
         attached = bound is self
         model.__dict__["_ks_running"] = self
         try:
@@ -161,6 +162,11 @@ class Strategy:
                     self._impl.detach(model)
         finally:
             model.__dict__.pop("_ks_running", None)
+
+    def _prepare_call(self, model, method, arguments):
+        """Rewrites the call's arguments (data split, callbacks); the
+        strategy's backend may rewrite them further."""
+        return self._impl.prepare_call(model, method, arguments)
 
     def _check_batch_sizes(self, method, arguments):
         replicas = self.num_replicas_in_sync

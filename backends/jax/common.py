@@ -22,16 +22,32 @@ def _batch_partitions(sharding):
     return parts
 
 
+class _InputMode:
+    """How batches become global arrays while one of our strategies runs.
+
+    `global_batches`: every process holds the whole global batch (the
+    multi-process strategies feed each process the full input), and each
+    device takes its slice of it. `replicate`: every device gets the whole
+    batch (used for predict, so outputs are addressable on every process).
+    """
+
+    global_batches = False
+    replicate = False
+
+
+input_mode = _InputMode()
+
+
 def _distribute_data_input(per_process_batch, layout, batch_dim_name):
     sharding = layout.backend_layout if isinstance(layout, TensorLayout) else layout
-    if (
-        jax.process_count() == 1
-        and isinstance(sharding, NamedSharding)
-        and per_process_batch.ndim
-        and per_process_batch.shape[0] % _batch_partitions(sharding)
-    ):
-        replicated = NamedSharding(sharding.mesh, PartitionSpec())
-        return jax.device_put(per_process_batch, replicated)
+    if not isinstance(sharding, NamedSharding) or not per_process_batch.ndim:
+        return _original_distribute_data_input(per_process_batch, layout, batch_dim_name)
+    indivisible = per_process_batch.shape[0] % _batch_partitions(sharding)
+    if input_mode.replicate or (indivisible and (jax.process_count() == 1 or input_mode.global_batches)):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec())
+    if input_mode.global_batches or jax.process_count() == 1:
+        batch = per_process_batch
+        return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
     return _original_distribute_data_input(per_process_batch, layout, batch_dim_name)
 
 

@@ -1,0 +1,263 @@
+"""Splitting the input of fit/evaluate between worker processes.
+
+Written once for every backend that feeds each worker its own part of the
+data. Worker `r` of `W` gets, of every global batch of `n` examples, the
+contiguous chunk `[n*r//W, n*(r+1)//W)`: the global batch is the workers'
+chunks in rank order, each example is seen once per epoch, and every worker
+runs the same number of steps (no hang on uneven data).
+"""
+
+import math
+
+import keras
+import numpy as np
+
+from keras_strategies.errors import StrategyError
+
+
+def chunk_bounds(size, rank, world):
+    """The `[start, stop)` of worker `rank`'s chunk of a batch of `size`."""
+    return size * rank // world, size * (rank + 1) // world
+
+
+def is_array_like(x):
+    """Whether `x` (or its first leaf) is an in-memory array Keras batches itself."""
+    if x is None:
+        return False
+    leaves = keras.tree.flatten(x)
+    if not leaves:
+        return False
+    leaf = leaves[0]
+    return isinstance(leaf, np.ndarray) or (
+        hasattr(leaf, "shape") and hasattr(leaf, "dtype") and hasattr(leaf, "__len__")
+    )
+
+
+def _num_examples(x):
+    return int(keras.tree.flatten(x)[0].shape[0])
+
+
+def _take(structure, indices):
+    if structure is None:
+        return None
+    return keras.tree.map_structure(lambda a: np.asarray(a)[indices], structure)
+
+
+def worker_indices(num_examples, global_batch, rank, world, order=None):
+    """Indices of the examples worker `rank` sees, in its step order.
+
+    Args:
+        num_examples: examples in the (global) dataset.
+        global_batch: the global batch size.
+        rank: this worker's index.
+        world: number of workers.
+        order: optional permutation of `range(num_examples)` (a shuffle).
+
+    Returns:
+        A numpy int array.
+    """
+    order = np.arange(num_examples) if order is None else np.asarray(order)
+    parts = []
+    for start in range(0, num_examples, global_batch):
+        size = min(global_batch, num_examples - start)
+        lo, hi = chunk_bounds(size, rank, world)
+        parts.append(order[start + lo:start + hi])
+    return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.int64)
+
+
+def check_splittable(num_examples, global_batch, world, strategy):
+    """Every worker needs at least one example of every global batch."""
+    last = num_examples % global_batch or global_batch
+    if min(global_batch, last) < world:
+        raise StrategyError(
+            f"{strategy!r}: the last global batch has {last} example(s), fewer "
+            f"than the {world} workers, so some worker would have nothing to "
+            f"compute. Use a batch_size that leaves at least {world} examples "
+            "in the last batch, or drop the few trailing examples."
+        )
+
+
+class ShuffledShards(keras.utils.PyDataset):
+    """One worker's share of in-memory arrays, reshuffled globally each epoch.
+
+    Every worker draws the same permutation (seeded by `seed` and the epoch),
+    so together they still see each example once per epoch.
+    """
+
+    def __init__(self, x, y, sample_weight, global_batch, rank, world, seed):
+        super().__init__()
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.global_batch, self.rank, self.world = global_batch, rank, world
+        self.seed, self.epoch = seed, 0
+        self.n = _num_examples(x)
+        self._reindex()
+
+    def _reindex(self):
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
+        self.order = order
+
+    def __len__(self):
+        return math.ceil(self.n / self.global_batch)
+
+    def __getitem__(self, index):
+        start = index * self.global_batch
+        size = min(self.global_batch, self.n - start)
+        lo, hi = chunk_bounds(size, self.rank, self.world)
+        idx = self.order[start + lo:start + hi]
+        x, y, weights = (_take(a, idx) for a in (self.x, self.y, self.sample_weight))
+        if weights is not None:
+            return x, y, weights
+        return (x, y) if y is not None else (x,)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._reindex()
+
+
+class BatchChunks(keras.utils.PyDataset):
+    """Worker `rank`'s chunk of each batch of a batched `PyDataset`."""
+
+    def __init__(self, dataset, rank, world):
+        super().__init__()
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return chunk_batch(self.dataset[index], self.rank, self.world)
+
+    def on_epoch_end(self):
+        self.dataset.on_epoch_end()
+
+
+def chunk_batch(batch, rank, world):
+    """Worker `rank`'s chunk of one batch (any nest of arrays or tensors)."""
+    size = int(keras.tree.flatten(batch)[0].shape[0])
+    lo, hi = chunk_bounds(size, rank, world)
+    return keras.tree.map_structure(lambda t: t[lo:hi], batch)
+
+
+def shard_input(x, y, sample_weight, batch_size, shuffle, rank, world, strategy, seed=0):
+    """This worker's part of `fit`/`evaluate` input.
+
+    Args:
+        x, y, sample_weight: as given to Keras.
+        batch_size: the global batch size (Keras's default 32 when `None`).
+        shuffle: whether to reshuffle arrays every epoch.
+        rank, world: this worker and the number of workers.
+        strategy: used in error messages.
+        seed: the shuffle seed, the same on every worker.
+
+    Returns:
+        `(x, y, sample_weight, batch_size, shuffle)` to hand to Keras.
+    """
+    if is_array_like(x):
+        global_batch = batch_size or 32
+        if global_batch % world:
+            raise StrategyError(
+                f"{strategy!r}: batch_size={global_batch} (the global batch) is "
+                f"not a multiple of the {world} workers. Use a multiple of {world}."
+            )
+        n = _num_examples(x)
+        check_splittable(n, global_batch, world, strategy)
+        local_batch = global_batch // world
+        if shuffle and shuffle != "batch":
+            data = ShuffledShards(x, y, sample_weight, global_batch, rank, world, seed)
+            return data, None, None, None, False
+        idx = worker_indices(n, global_batch, rank, world)
+        return _take(x, idx), _take(y, idx), _take(sample_weight, idx), local_batch, False
+    if isinstance(x, keras.utils.PyDataset):
+        return BatchChunks(x, rank, world), y, sample_weight, batch_size, shuffle
+    chunked = _chunk_framework_dataset(x, rank, world)
+    if chunked is not None:
+        return chunked, y, sample_weight, batch_size, shuffle
+    raise StrategyError(
+        f"{strategy!r} cannot split input of type {type(x).__name__} between "
+        "workers; use numpy arrays, a tf.data.Dataset, a keras.utils.PyDataset "
+        "or a torch DataLoader."
+    )
+
+
+def _chunk_framework_dataset(x, rank, world):
+    module = type(x).__module__
+    if module.startswith("tensorflow"):
+        import tensorflow as tf
+
+        if isinstance(x, tf.data.Dataset):
+
+            def chunk(*batch):
+                size = tf.shape(tf.nest.flatten(batch)[0])[0]
+                lo, hi = size * rank // world, size * (rank + 1) // world
+                out = tf.nest.map_structure(lambda t: t[lo:hi], batch)
+                return out if len(out) > 1 else out[0]
+
+            return x.map(chunk)
+    if module.startswith("torch"):
+        import torch
+
+        if isinstance(x, torch.utils.data.DataLoader):
+
+            class Chunks(torch.utils.data.IterableDataset):
+                def __iter__(self):
+                    for batch in x:
+                        yield chunk_batch(batch, rank, world)
+
+                def __len__(self):
+                    return len(x)
+
+            return torch.utils.data.DataLoader(Chunks(), batch_size=None)
+    return None
+
+
+def shard_call(method, arguments, rank, world, strategy, seed=0):
+    """Rewrites a fit/evaluate call so this worker gets its part of the data.
+
+    `predict` is left whole: every worker predicts every example, so each
+    returns all predictions in input order.
+
+    Args:
+        method: `"fit"`, `"evaluate"` or `"predict"`.
+        arguments: the call's `inspect.BoundArguments` (changed in place).
+        rank, world: this worker and the number of workers.
+        strategy: used in error messages.
+        seed: the shuffle seed, the same on every worker.
+
+    Returns:
+        The same `arguments`.
+    """
+    if method == "predict" or world == 1:
+        return arguments
+    from keras.src.trainers.data_adapters import array_slicing
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    a = arguments.arguments
+    x, y, weights = a.get("x"), a.get("y"), a.get("sample_weight")
+    global_batch = a.get("batch_size")
+    if method == "fit" and a.get("validation_split") and a.get("validation_data") is None:
+        if is_array_like(x):  # split the global arrays as Keras would
+            (x, y, weights), validation = array_slicing.train_validation_split(
+                (x, y, weights), validation_split=a["validation_split"]
+            )
+            a["validation_data"] = validation
+        a["validation_split"] = 0.0
+    shuffle = a.get("shuffle", True) if method == "fit" else False
+    x, y, weights, batch, shuffle = shard_input(
+        x, y, weights, global_batch, shuffle, rank, world, strategy, seed
+    )
+    a["x"], a["y"], a["sample_weight"], a["batch_size"] = x, y, weights, batch
+    if method == "fit":
+        a["shuffle"] = shuffle
+        validation = a.get("validation_data")
+        if validation is not None:
+            if isinstance(validation, (tuple, list)):
+                vx, vy, vw = data_adapter_utils.unpack_x_y_sample_weight(tuple(validation))
+            else:
+                vx, vy, vw = validation, None, None
+            vbatch = a.get("validation_batch_size") or global_batch
+            vx, vy, vw, vbatch, _ = shard_input(vx, vy, vw, vbatch, False, rank, world, strategy)
+            a["validation_data"] = data_adapter_utils.pack_x_y_sample_weight(vx, vy, vw)
+            if not is_array_like(vx) and not isinstance(vx, tuple):
+                a["validation_data"] = vx
+            a["validation_batch_size"] = vbatch
+    return arguments

@@ -1,0 +1,145 @@
+"""MultiWorkerMirrored: synchronous data parallelism across processes.
+
+What is the same on every backend lives here: the cluster description, the
+global batch, which worker writes files, and the call-argument rewriting.
+How the engines do it lives in `keras_strategies.backends.<name>.multi_worker`.
+"""
+
+import os
+import shutil
+import tempfile
+
+import keras
+
+from keras_strategies.strategies import Strategy
+
+DEFAULT_TIMEOUT = 1800.0
+TIMEOUT_VARIABLE = "KERAS_STRATEGIES_TIMEOUT"
+
+# Callbacks that write into the user's paths or print: on non-chief workers
+# they are dropped (progress) or redirected (backups they also read).
+_CHIEF_ONLY = (
+    keras.callbacks.ModelCheckpoint,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.TensorBoard,
+    keras.callbacks.ProgbarLogger,
+)
+
+
+def default_timeout():
+    """Seconds a worker waits for its peers before failing (env-configurable)."""
+    return float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT))
+
+
+class MultiWorkerMirrored(Strategy):
+    """Synchronous data parallelism over worker processes on one or more machines.
+
+    Each process holds one replica per local device (one per process on a
+    CPU); every step all-reduces the gradients over all replicas of all
+    processes, so training equals one device on the global batch.
+
+    The cluster is read from the environment: `TF_CONFIG`, torchrun's
+    variables, `KERAS_DISTRIBUTION_*` or SLURM (see
+    `keras_strategies.cluster.resolve_cluster`). Start the processes with
+    `keras-strategies launch --nproc-per-node N train.py`, torchrun, srun, or
+    by hand with a `TF_CONFIG` each.
+
+    Args:
+        cluster: a `keras_strategies.cluster.ClusterSpec`; read from the
+            environment when `None`.
+        timeout: seconds to wait for a peer (a collective, the rendezvous)
+            before failing with a clear error. Defaults to the
+            `KERAS_STRATEGIES_TIMEOUT` environment variable, else 1800.
+
+    Example:
+    ```python
+    # train.py, started by: keras-strategies launch --nproc-per-node 2 train.py
+    model.fit(x, y, batch_size=256, distribution=keras_strategies.MultiWorkerMirrored())
+    ```
+    """
+
+    kind = "multi_worker_mirrored"
+    implementation = "multi_worker"
+
+    def __init__(self, cluster=None, timeout=None):
+        if cluster is None:
+            from keras_strategies.cluster import resolve_cluster
+
+            cluster = resolve_cluster()
+        self.cluster = cluster
+        self.timeout = float(timeout) if timeout is not None else default_timeout()
+        super().__init__(None, cluster=self.cluster, timeout=self.timeout)
+
+    def __repr__(self):
+        return (
+            f"MultiWorkerMirrored(backend={self._backend!r}, devices={self.devices}, "
+            f"worker={self.worker_index}/{self.num_workers})"
+        )
+
+    def _prepare_call(self, model, method, arguments):
+        arguments = super()._prepare_call(model, method, arguments)
+        if not self.is_chief:
+            args = arguments.arguments
+            if "verbose" in arguments.signature.parameters:
+                args["verbose"] = 0
+            if args.get("callbacks"):
+                args["callbacks"] = non_chief_callbacks(args["callbacks"], self._scratch_dir())
+        return arguments
+
+    def _scratch_dir(self):
+        if getattr(self, "_scratch", None) is None:
+            self._scratch = tempfile.mkdtemp(prefix=f"keras-strategies-worker{self.worker_index}-")
+        return self._scratch
+
+    def _cleanup_scratch(self):
+        if getattr(self, "_scratch", None):
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+
+class _ReadOnlyBackup(keras.callbacks.BackupAndRestore):
+    """A non-chief's BackupAndRestore: restores from the chief's backup,
+    writes its own backups into a scratch directory, never the user's."""
+
+    def __init__(self, original, scratch):
+        super().__init__(
+            backup_dir=original.backup_dir,
+            save_freq=original.save_freq,
+            double_checkpoint=getattr(original, "double_checkpoint", False),
+            delete_checkpoint=original.delete_checkpoint,
+        )
+        self._scratch_dir = os.path.join(scratch, "backup")
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)  # reads the chief's files, if any
+        self._redirect()
+
+    _PATHS = (
+        "_weights_path",
+        "_training_metadata_path",
+        "_prev_weights_path",
+        "_prev_training_metadata_path",
+    )
+
+    def _redirect(self):
+        for name in self._PATHS:
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value.startswith(self.backup_dir):
+                setattr(self, name, value.replace(self.backup_dir, self._scratch_dir, 1))
+        os.makedirs(self._scratch_dir, exist_ok=True)
+
+    def on_train_end(self, logs=None):
+        pass  # the chief deletes (or keeps) the real backup
+
+
+def non_chief_callbacks(callbacks, scratch):
+    """The callbacks a non-chief worker runs: no printing, no writing into the
+    user's paths; decisions (EarlyStopping, ReduceLROnPlateau) still run, on
+    the same global logs as the chief."""
+    kept = []
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.BackupAndRestore):
+            kept.append(_ReadOnlyBackup(callback, scratch))
+        elif not isinstance(callback, _CHIEF_ONLY):
+            kept.append(callback)
+    return kept
