@@ -77,6 +77,8 @@ def test_two_replicas_and_default_storage():
     assert strategy.devices == DEVICES
     assert strategy.storage_device == "cpu:0"
     assert "storage_device='cpu:0'" in repr(strategy)
+    assert strategy.num_workers == 1 and strategy.is_chief
+    assert "CentralStorage" in ks.__all__
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="torch has one CPU device; see test_torch_replicas")

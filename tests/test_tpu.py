@@ -25,6 +25,7 @@ def test_no_tpu_here_gives_a_clear_error():
     message = str(error.value)
     assert message.startswith(f"TPU on the {BACKEND} backend: ")
     assert MISSING[BACKEND] in message
+    assert "TPU" in ks.__all__
 
 
 def test_tpu_address_outside_tensorflow_or_unreachable(monkeypatch):
