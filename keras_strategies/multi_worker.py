@@ -7,7 +7,10 @@ How the engines do it lives in `keras_strategies.backends.<name>.multi_worker`.
 
 import os
 import shutil
+import sys
 import tempfile
+import threading
+import time
 
 import keras
 
@@ -78,6 +81,9 @@ class MultiWorkerMirrored(Strategy):
 
     def _prepare_call(self, model, method, arguments):
         arguments = super()._prepare_call(model, method, arguments)
+        if self.num_workers > 1:
+            args = arguments.arguments
+            args["callbacks"] = list(args.get("callbacks") or []) + [_Heartbeat()]
         if not self.is_chief:
             args = arguments.arguments
             if "verbose" in arguments.signature.parameters:
@@ -85,6 +91,15 @@ class MultiWorkerMirrored(Strategy):
             if args.get("callbacks"):
                 args["callbacks"] = non_chief_callbacks(args["callbacks"], self._scratch_dir())
         return arguments
+
+    def _run(self, model, method, original, arguments):
+        watchdog = _Watchdog(self) if self.num_workers > 1 else None
+        try:
+            return super()._run(model, method, original, arguments)
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+            self._cleanup_scratch()
 
     def _scratch_dir(self):
         if getattr(self, "_scratch", None) is None:
@@ -143,3 +158,54 @@ def non_chief_callbacks(callbacks, scratch):
         elif not isinstance(callback, _CHIEF_ONLY):
             kept.append(callback)
     return kept
+
+
+_last_progress = [time.monotonic()]
+
+
+class _Heartbeat(keras.callbacks.Callback):
+    """Tells the watchdog that this worker still makes progress."""
+
+    def _beat(self, *args, **kwargs):
+        _last_progress[0] = time.monotonic()
+
+    on_train_begin = on_epoch_begin = on_train_batch_end = _beat
+    on_test_begin = on_test_batch_end = on_predict_begin = on_predict_batch_end = _beat
+    on_epoch_end = on_test_end = on_predict_end = _beat
+
+
+class _Watchdog:
+    """Ends a worker that made no progress for `timeout` seconds.
+
+    Some engines wait for a hung peer forever inside a collective (JAX's gloo
+    collectives have no deadline), where no Python exception can reach the
+    waiting thread. The watchdog prints a clear error and ends the process,
+    so a hung peer never hangs the job.
+    """
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.done = threading.Event()
+        _last_progress[0] = time.monotonic()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="keras-strategies-watchdog")
+        self.thread.start()
+
+    def _watch(self):
+        timeout = self.strategy.timeout
+        while not self.done.wait(min(5.0, timeout / 4)):
+            idle = time.monotonic() - _last_progress[0]
+            if idle > timeout:
+                s = self.strategy
+                sys.stderr.write(
+                    f"keras_strategies.WorkerError: {type(s).__name__} on the {s.backend} "
+                    f"backend: worker {s.worker_index} lost contact with its peers: no "
+                    f"step finished for {idle:.0f}s (a worker died or hung). Ending this "
+                    "worker. See the other workers' output; timeout= (or "
+                    "KERAS_STRATEGIES_TIMEOUT) sets how long to wait.\n"
+                )
+                sys.stderr.flush()
+                os._exit(75)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(timeout=10)

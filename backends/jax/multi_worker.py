@@ -16,6 +16,8 @@ import keras
 import numpy as np
 from jax.experimental import multihost_utils
 from keras.src.backend.jax import distribution_lib as jax_distribution_lib
+from keras.src.callbacks.callback_list import CallbackList
+from keras.src.distribution import distribution_lib
 
 from keras_strategies.backend_base import BackendStrategy
 from keras_strategies.backend_base import reset_compiled_functions
@@ -128,7 +130,7 @@ class JaxMultiWorker(BackendStrategy):
         # holds every prediction, in input order
         input_mode.replicate = getattr(self, "_method", None) == "predict"
         try:
-            with self.scope():
+            with self.scope(), _callbacks_outside_distribution():
                 yield
         except WorkerError:
             raise
@@ -143,3 +145,33 @@ class JaxMultiWorker(BackendStrategy):
             raise
         finally:
             input_mode.global_batches, input_mode.replicate = previous
+
+
+@contextlib.contextmanager
+def _callbacks_outside_distribution():
+    """Callbacks run with no distribution active: what they create (Keras's
+    saving code builds a throw-away Optimizer, for one) stays local, instead of
+    becoming a cross-process array that only the chief creates, which would
+    leave the other workers out of the collective."""
+    originals = {
+        name: getattr(CallbackList, name) for name in dir(CallbackList) if name.startswith("on_")
+    }
+
+    def local(method):
+        def hook(self, *args, **kwargs):
+            active = distribution_lib.distribution()
+            distribution_lib.set_distribution(None)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                distribution_lib.set_distribution(active)
+
+        return hook
+
+    for name, method in originals.items():
+        setattr(CallbackList, name, local(method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(CallbackList, name, method)

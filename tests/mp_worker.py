@@ -1,0 +1,101 @@
+"""Run by every worker process of the multi-process tests.
+
+    python tests/mp_worker.py OUT_DIR [--pattern fit_argument|scope] [--epochs N]
+        [--die-at-step K] [--hang-at-step K]
+
+The cluster comes from the environment (launcher, TF_CONFIG, ...). Each worker
+trains the same model under MultiWorkerMirrored, also trains a single-device
+reference on the same global batches, and writes what it saw to OUT_DIR.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras_strategies as ks  # noqa: E402  (before the backend starts)
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("--pattern", default="fit_argument")
+parser.add_argument("--epochs", type=int, default=2)
+parser.add_argument("--die-at-step", type=int, default=None)
+parser.add_argument("--hang-at-step", type=int, default=None)
+args = parser.parse_args()
+
+strategy = ks.MultiWorkerMirrored()
+rank = strategy.worker_index
+
+import keras  # noqa: E402
+keras.config.disable_traceback_filtering()
+import numpy as np  # noqa: E402
+from models import build, initial_weights, make_data  # noqa: E402
+
+user_dir = os.path.join(args.out, "user")
+os.makedirs(user_dir, exist_ok=True)
+
+
+class Fault(keras.callbacks.Callback):
+    """Worker 1 dies or hangs mid-epoch, to test that the others notice."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if rank == 1 and step == args.die_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if rank == 1 and step == args.hang_at_step:
+            while True:
+                time.sleep(1)
+
+
+x, y = make_data()
+weights = initial_weights("functional")
+if args.die_at_step or args.hang_at_step:
+    x, y = make_data(n=4096)
+    args.epochs = 50
+
+callbacks = [
+    keras.callbacks.ModelCheckpoint(os.path.join(user_dir, "ckpt.weights.h5"), save_weights_only=True),
+    keras.callbacks.CSVLogger(os.path.join(user_dir, "log.csv")),
+    keras.callbacks.BackupAndRestore(os.path.join(user_dir, "backup"), delete_checkpoint=False),
+    keras.callbacks.EarlyStopping(monitor="loss", patience=100),
+    Fault(),
+]
+fit = dict(batch_size=16, epochs=args.epochs, shuffle=False, verbose=2, callbacks=callbacks)
+if args.pattern == "scope":
+    with strategy.scope():
+        model = build("functional", weights)
+    history = model.fit(x, y, **fit)
+else:
+    # a different start on every worker: worker 0's weights must win
+    model = build("functional", [w + rank for w in weights])
+    history = model.fit(x, y, distribution=strategy, **fit)
+evaluation = model.evaluate(x, y, batch_size=16, verbose=0, distribution=strategy)
+predictions = model.predict(x, batch_size=16, verbose=0, distribution=strategy)
+
+reference = build("functional", weights)
+ref_history = reference.fit(x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0)
+np.savez(os.path.join(args.out, f"weights{rank}.npz"), *model.get_weights())
+with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+    json.dump(
+        {
+            "rank": rank,
+            "workers": strategy.num_workers,
+            "replicas": strategy.num_replicas_in_sync,
+            "is_chief": strategy.is_chief,
+            "history": history.history,
+            "ref_history": ref_history.history,
+            "evaluate": evaluation,
+            "ref_evaluate": reference.evaluate(x, y, batch_size=16, verbose=0),
+            "max_weight_diff": max(
+                float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), reference.get_weights())
+            ),
+            "max_predict_diff": float(np.abs(predictions - reference.predict(x, verbose=0)).max()),
+            "predictions": len(predictions),
+        },
+        f,
+    )
+print(f"worker {rank} done")

@@ -1,0 +1,182 @@
+"""MultiWorkerMirrored with 2 real processes on 127.0.0.1, started through the
+launcher and through each cluster format. Every wait has a deadline and every
+process is killed at the end, whatever happens."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import BACKEND
+from keras_strategies.launch import launch
+from keras_strategies.ports import free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "mp_worker.py")
+CLUSTER_VARIABLES = (
+    "TF_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+    "MASTER_ADDR", "MASTER_PORT", "XLA_FLAGS",
+)
+RUN_TIMEOUT = 300
+
+
+def base_env(**extra):
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in CLUSTER_VARIABLES and not k.startswith(("SLURM_", "KERAS_DISTRIBUTION_"))
+    }
+    env.update(KERAS_BACKEND=BACKEND, KERAS_STRATEGIES_TIMEOUT="60", OMP_NUM_THREADS="1",
+               TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_ranks(envs, out, *worker_args, timeout=RUN_TIMEOUT):
+    """Starts one process per env, waits for all (bounded), always kills them."""
+    processes, logs = [], []
+    try:
+        for rank, env in enumerate(envs):
+            log = open(os.path.join(out, f"output{rank}.log"), "w")
+            logs.append(log)
+            processes.append(subprocess.Popen(
+                [sys.executable, WORKER, str(out), *worker_args],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            ))
+        deadline = time.monotonic() + timeout
+        codes = []
+        for process in processes:
+            codes.append(process.wait(timeout=max(1, deadline - time.monotonic())))
+        return codes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+        for log in logs:
+            log.close()
+
+
+def output(out, rank):
+    with open(os.path.join(out, f"output{rank}.log")) as f:
+        return f.read()
+
+
+def check_results(out, epochs=2):
+    results = []
+    for rank in range(2):
+        path = os.path.join(out, f"rank{rank}.json")
+        assert os.path.exists(path), output(out, rank)[-3000:]
+        with open(path) as f:
+            results.append(json.load(f))
+    weights = [np.load(os.path.join(out, f"weights{r}.npz")) for r in range(2)]
+    for key in weights[0].files:  # every worker holds identical weights
+        np.testing.assert_array_equal(weights[0][key], weights[1][key])
+    for result in results:
+        assert result["workers"] == 2 and result["replicas"] == 2
+        assert result["max_weight_diff"] < 1e-5  # equals one device on the global batches
+        for key, values in result["ref_history"].items():
+            np.testing.assert_allclose(result["history"][key], values, atol=1e-5)
+        np.testing.assert_allclose(result["evaluate"], result["ref_evaluate"], atol=1e-5)
+        assert result["predictions"] == 69 and result["max_predict_diff"] < 1e-5
+    assert [r["is_chief"] for r in results] == [True, False]
+    # only the chief wrote, into the user's paths, and nothing else is there
+    user = os.path.join(out, "user")
+    assert sorted(os.listdir(user)) == ["backup", "ckpt.weights.h5", "log.csv"]
+    with open(os.path.join(user, "log.csv")) as f:
+        assert len(f.read().strip().splitlines()) == epochs + 1  # one writer, one header
+    # only the chief printed progress
+    assert "Epoch 1/" in output(out, 0) and "Epoch 1/" not in output(out, 1)
+
+
+def test_launcher(tmp_path):
+    env = base_env()
+    with open(os.path.join(tmp_path, "output0.log"), "w") as log:
+        pass
+    log_path = os.path.join(tmp_path, "launcher.log")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys; from keras_strategies.launch import launch; "
+             f"sys.exit(launch([sys.executable, {WORKER!r}, {str(tmp_path)!r}], nproc_per_node=2, timeout={RUN_TIMEOUT}))"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            code = process.wait(timeout=RUN_TIMEOUT + 30)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    with open(log_path) as f:
+        text = f.read()
+    assert code == 0, text[-4000:]
+    for rank in range(2):  # the launcher prefixes each rank's lines
+        with open(os.path.join(tmp_path, f"output{rank}.log"), "w") as f:
+            f.write("\n".join(line.split("] ", 1)[1] for line in text.splitlines()
+                              if line.startswith(f"[rank {rank}] ")))
+    check_results(tmp_path)
+
+
+def test_tf_config(tmp_path):
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    envs = [base_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": r}}))
+            for r in range(2)]
+    codes = run_ranks(envs, tmp_path)
+    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
+    check_results(tmp_path)
+
+
+def test_keras_distribution_variables_and_scope(tmp_path):
+    addresses = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    envs = [base_env(KERAS_DISTRIBUTION_JOB_ADDRESSES=addresses, KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                     KERAS_DISTRIBUTION_PROCESS_ID=str(r)) for r in range(2)]
+    codes = run_ranks(envs, tmp_path, "--pattern", "scope")
+    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
+    check_results(tmp_path)
+
+
+def test_slurm_variables(tmp_path):
+    port = str(free_port())
+    envs = [base_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_NODEID="0",
+                     SLURM_NODELIST="localhost", SLURM_JOB_ID="42", MASTER_PORT=port)
+            for r in range(2)]
+    codes = run_ranks(envs, tmp_path)
+    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
+    check_results(tmp_path)
+
+
+def torchrun_envs(timeout):
+    port = str(free_port())
+    return [base_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, KERAS_STRATEGIES_TIMEOUT=str(timeout))
+            for r in range(2)]
+
+
+@pytest.mark.parametrize("fault", ["--die-at-step", "--hang-at-step"])
+def test_a_dead_or_hung_peer_ends_the_job_with_a_clear_error(tmp_path, fault):
+    timeout = 30
+    start = time.monotonic()
+    processes, log = [], open(os.path.join(tmp_path, "output0.log"), "w")
+    try:
+        for rank, env in enumerate(torchrun_envs(timeout)):
+            processes.append(subprocess.Popen(
+                [sys.executable, WORKER, str(tmp_path), fault, "5"], env=env,
+                stdout=log if rank == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ))
+        code = processes[0].wait(timeout=timeout + 150)
+        elapsed = time.monotonic() - start
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+        log.close()
+    text = output(tmp_path, 0)
+    assert code != 0, text[-3000:]
+    assert "WorkerError" in text and "lost contact with its peers" in text, text[-3000:]
+    assert elapsed < timeout + 150
