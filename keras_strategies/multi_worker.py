@@ -5,6 +5,7 @@ global batch, which worker writes files, and the call-argument rewriting.
 How the engines do it lives in `keras_strategies.backends.<name>.multi_worker`.
 """
 
+import copy
 import os
 import shutil
 import sys
@@ -19,14 +20,12 @@ from keras_strategies.strategies import Strategy
 DEFAULT_TIMEOUT = 1800.0
 TIMEOUT_VARIABLE = "KERAS_STRATEGIES_TIMEOUT"
 
-# Callbacks that write into the user's paths or print: on non-chief workers
-# they are dropped (progress) or redirected (backups they also read).
-_CHIEF_ONLY = (
-    keras.callbacks.ModelCheckpoint,
-    keras.callbacks.CSVLogger,
-    keras.callbacks.TensorBoard,
-    keras.callbacks.ProgbarLogger,
-)
+# Callbacks that print or write logs: dropped on non-chief workers.
+_CHIEF_ONLY = (keras.callbacks.CSVLogger, keras.callbacks.ProgbarLogger)
+# Callbacks that read the model to write it: non-chief workers run them into a
+# scratch directory, because reading distributed variables can be a collective
+# that every worker must join (TensorFlow's on-read variables).
+_REDIRECTED = {keras.callbacks.ModelCheckpoint: "filepath", keras.callbacks.TensorBoard: "log_dir"}
 
 
 def default_timeout():
@@ -153,8 +152,14 @@ def non_chief_callbacks(callbacks, scratch):
     the same global logs as the chief."""
     kept = []
     for callback in callbacks:
+        redirected = [a for t, a in _REDIRECTED.items() if isinstance(callback, t)]
         if isinstance(callback, keras.callbacks.BackupAndRestore):
             kept.append(_ReadOnlyBackup(callback, scratch))
+        elif redirected:
+            twin = copy.copy(callback)
+            path = str(getattr(callback, redirected[0]))
+            setattr(twin, redirected[0], os.path.join(scratch, os.path.basename(path.rstrip("/"))))
+            kept.append(twin)
         elif not isinstance(callback, _CHIEF_ONLY):
             kept.append(callback)
     return kept

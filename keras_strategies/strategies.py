@@ -156,10 +156,17 @@ class Strategy:
                 self._impl.attach(model)
             try:
                 with self._impl.run_context(model):
-                    return original(*arguments.args, **arguments.kwargs)
-            finally:
+                    result = original(*arguments.args, **arguments.kwargs)
+            except BaseException:
                 if not attached:
-                    self._impl.detach(model)
+                    try:
+                        self._impl.detach(model)
+                    except Exception:  # noqa: BLE001 - the first error is the one to see
+                        pass
+                raise
+            if not attached:
+                self._impl.detach(model)
+            return result
         finally:
             model.__dict__.pop("_ks_running", None)
 

@@ -106,13 +106,21 @@ def mean_aggregating_creator(next_creator, **kwargs):
     return next_creator(**kwargs)
 
 
+def _local_copy(value):
+    """This replica's copy of a distributed variable, read without a
+    collective (reading an on-read variable whole would all-reduce)."""
+    if isinstance(value, tf.distribute.DistributedValues):
+        return value.values[0]
+    return value
+
+
 def recreate_variables(model):
     """Re-creates every variable's tf.Variable under the current scope."""
     with tf.init_scope():
         for variable in state_variables(model):
             if variable._value is None:
                 continue  # not initialised yet: it will be, under the scope
-            value = tf.identity(tf.convert_to_tensor(variable._value))
+            value = tf.identity(tf.convert_to_tensor(_local_copy(variable._value)))
             variable._value = None
             variable._initialize(value)
     optimizer = getattr(model, "optimizer", None)
