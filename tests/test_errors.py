@@ -85,8 +85,13 @@ if BACKEND in ("tensorflow", "jax"):
         assert "StrategyError" in result.stderr and fix in result.stderr, result.stderr
         assert "already started" in result.stderr
 
-else:  # torch: several devices means several processes
+else:  # torch: several devices means one process per device
 
-    def test_torch_mirrored_over_several_devices_is_a_clear_error():
-        with pytest.raises(ks.UnsupportedStrategyError, match="Mirrored on the torch backend.*one process per device"):
+    def test_torch_mirrored_over_several_devices_cannot_start_from_python_c():
+        result = _run("""
+            import keras_strategies as ks
             ks.Mirrored(devices=["cpu:0", "cpu:1"])
+        """)
+        assert result.returncode != 0
+        assert "UnsupportedStrategyError: Mirrored on the torch backend" in result.stderr
+        assert "keras-strategies launch --nproc-per-node 2" in result.stderr, result.stderr

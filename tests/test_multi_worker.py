@@ -180,3 +180,49 @@ def test_a_dead_or_hung_peer_ends_the_job_with_a_clear_error(tmp_path, fault):
     assert code != 0, text[-3000:]
     assert "WorkerError" in text and "lost contact with its peers" in text, text[-3000:]
     assert elapsed < timeout + 150
+
+
+MIRRORED_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import keras_strategies as ks
+strategy = ks.Mirrored(devices=["cpu:0", "cpu:1"])
+import numpy as np
+from models import build, initial_weights, make_data
+x, y = make_data()
+weights = initial_weights("functional")
+reference = build("functional", weights)
+reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+model = build("functional", weights)
+model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, distribution=strategy)
+print("RESULT", json.dumps({{
+    "rank": strategy.worker_index, "replicas": strategy.num_replicas_in_sync,
+    "checksum": float(sum(np.sum(w) for w in model.get_weights())),
+    "diff": max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), reference.get_weights())),
+}}))
+"""
+
+
+if BACKEND == "torch":
+
+    def test_torch_mirrored_starts_one_process_per_device(tmp_path):
+        """`python train.py` with Mirrored over 2 devices starts 2 processes."""
+        script = os.path.join(tmp_path, "train.py")
+        with open(script, "w") as f:
+            f.write(MIRRORED_SCRIPT.format(tests=HERE))
+        process = subprocess.Popen([sys.executable, script], env=base_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            text, _ = process.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+        assert process.returncode == 0, text[-3000:]
+        results = sorted(
+            (json.loads(line.split("RESULT ", 1)[1]) for line in text.splitlines() if "RESULT " in line),
+            key=lambda r: r["rank"],
+        )
+        assert [r["rank"] for r in results] == [0, 1], text[-3000:]
+        assert all(r["replicas"] == 2 and r["diff"] < 1e-5 for r in results)
+        assert results[0]["checksum"] == results[1]["checksum"]

@@ -1,8 +1,8 @@
-"""PyTorch backend: Default and OneDevice in this process.
+"""PyTorch backend: Default, OneDevice and one-device Mirrored in this process.
 
-`Mirrored` over one device is `OneDevice`. Over several devices it needs one
-process per device (torch.distributed), which this release does not have yet:
-it raises a clear error instead.
+`Mirrored` over several devices runs one process per device with
+torch.distributed and DDP (`multi_worker.py`); a plain `python train.py`
+starts those processes itself.
 """
 
 import contextlib
@@ -10,13 +10,27 @@ import contextlib
 import torch
 from keras.src.backend.torch import core as torch_core
 from keras_strategies.backends.torch.common import move_variables, torch_device
+from keras_strategies.devices import normalize_devices
 
 from keras_strategies.backend_base import BackendStrategy
 from keras_strategies.devices import check_available, parse_device
 
 
 def create(strategy, devices, **options):
-    """Returns the PyTorch implementation of `strategy`."""
+    """Returns the PyTorch implementation of `strategy`.
+
+    Mirrored over several devices is one process per device: see
+    `keras_strategies.backends.torch.multi_worker.create_mirrored`.
+    """
+    if strategy.kind == "mirrored":
+        if devices is not None:
+            names = normalize_devices(devices, type(strategy).__name__)
+        else:
+            names = [f"gpu:{i}" for i in range(torch.cuda.device_count())]
+        if len(names) > 1:
+            from keras_strategies.backends.torch.multi_worker import create_mirrored
+
+            return create_mirrored(strategy, names)
     return TorchStrategy(strategy, devices, **options)
 
 
@@ -30,18 +44,7 @@ class TorchStrategy(BackendStrategy):
     def resolve_devices(self, requested):
         gpus = torch.cuda.device_count()
         if requested is None:
-            if self.kind == "mirrored" and gpus > 1:
-                requested = [f"gpu:{i}" for i in range(gpus)]
-            else:
-                return ["gpu:0" if gpus else "cpu:0"]
-        if len(requested) > 1:
-            raise self.unsupported(
-                f"training over {len(requested)} devices {requested} needs one "
-                "process per device (torch.distributed), and multi-process "
-                "training is not in this release yet",
-                "Use one device, e.g. Mirrored(devices=['cpu:0']), or the "
-                "tensorflow or jax backend for several devices in one process.",
-            )
+            return ["gpu:0" if gpus else "cpu:0"]
         kind = parse_device(requested[0])[0]
         available = {"cpu": ["cpu:0"], "gpu": [f"gpu:{i}" for i in range(gpus)]}.get(kind, [])
         check_available(

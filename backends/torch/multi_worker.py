@@ -31,6 +31,32 @@ def create(strategy, devices, cluster, timeout, **options):
     return TorchMultiWorker(strategy, devices, cluster, timeout, **options)
 
 
+def create_mirrored(strategy, devices):
+    """Mirrored over several devices: one process per device.
+
+    Started by a launcher (or torchrun), this process is one of them. Started
+    as a plain `python train.py`, the script is started again as one process
+    per device by `keras_strategies.launch.relaunch_this_script`, and this
+    process only waits for them.
+    """
+    from keras_strategies.cluster import resolve_cluster
+    from keras_strategies.errors import StrategyError
+    from keras_strategies.launch import relaunch_this_script
+    from keras_strategies.multi_worker import default_timeout
+
+    cluster = resolve_cluster()
+    if cluster.world_size == 1:
+        relaunch_this_script(len(devices), type(strategy).__name__, "torch")
+    if cluster.world_size != len(devices):
+        raise StrategyError(
+            f"{type(strategy).__name__}(devices={devices}) on the torch backend runs one "
+            f"process per device, but this job has {cluster.world_size} processes "
+            f"(from {cluster.source}). Start it with --nproc-per-node {len(devices)}, "
+            "or use MultiWorkerMirrored() for one process per device across machines."
+        )
+    return TorchMultiWorker(strategy, devices, cluster, default_timeout())
+
+
 def _batch_size(data):
     x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
     return next(i for i in tree.flatten(x) if i is not None).shape[0]
@@ -43,7 +69,7 @@ class TorchMultiWorker(BackendStrategy):
         self.cluster = cluster
         self.timeout = timeout
         super().__init__(strategy, devices)
-        self.native = torch_device(self.devices[0])
+        self.native = torch_device(self.devices[self.cluster.local_rank % len(self.devices)])
         self._ddp = {}  # id(model) -> DDP wrapper (kept out of Keras tracking)
         self._share = None
         self._needs_sync = False
@@ -66,6 +92,12 @@ class TorchMultiWorker(BackendStrategy):
         return self.cluster.world_size > 1
 
     def resolve_devices(self, requested):
+        if requested:  # Mirrored: every local device, one per process
+            available = [f"gpu:{i}" for i in range(torch.cuda.device_count())]
+            for device in requested:
+                if device.startswith("gpu") and device not in available:
+                    raise self.unsupported(f"unknown device {device}; this machine has {available}")
+            return requested
         if torch.cuda.is_available():
             return [f"gpu:{self.cluster.local_rank % torch.cuda.device_count()}"]
         return ["cpu:0"]
@@ -113,10 +145,9 @@ class TorchMultiWorker(BackendStrategy):
     def _ddp_for(self, model):
         wrapper = self._ddp.get(id(model))
         if wrapper is None:
+            # Keras keeps every variable as a Parameter (no buffers to sync).
             wrapper = DistributedDataParallel(
-                model,
-                broadcast_buffers=False,
-                device_ids=[self.native.index] if self.native.type == "cuda" else None,
+                model, device_ids=[self.native.index] if self.native.type == "cuda" else None
             )
             self._ddp[id(model)] = wrapper
         return wrapper
