@@ -25,6 +25,7 @@ parser.add_argument("--pattern", default="fit_argument")
 parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--die-at-step", type=int, default=None)
 parser.add_argument("--hang-at-step", type=int, default=None)
+parser.add_argument("--input", default="numpy", help="numpy, tf_data, py_dataset or torch_dataloader")
 args = parser.parse_args()
 
 strategy = ks.MultiWorkerMirrored()
@@ -64,16 +65,28 @@ callbacks = [
     keras.callbacks.EarlyStopping(monitor="loss", patience=100),
     Fault(),
 ]
-fit = dict(batch_size=16, epochs=args.epochs, shuffle=False, verbose=2, callbacks=callbacks)
+fit = dict(epochs=args.epochs, shuffle=False, verbose=2, callbacks=callbacks)
+
+
+def data():
+    if args.input == "numpy":
+        return (x, y), {"batch_size": 16}
+    from test_inputs import make_input  # tf.data, PyDataset, DataLoader of batches of 16
+
+    return make_input(args.input, x, y)
+
+
+inputs, batching = data()
 if args.pattern == "scope":
     with strategy.scope():
         model = build("functional", weights)
-    history = model.fit(x, y, **fit)
+    history = model.fit(*inputs, **batching, **fit)
 else:
     # a different start on every worker: worker 0's weights must win
     model = build("functional", [w + rank for w in weights])
-    history = model.fit(x, y, distribution=strategy, **fit)
-evaluation = model.evaluate(x, y, batch_size=16, verbose=0, distribution=strategy)
+    history = model.fit(*inputs, **batching, distribution=strategy, **fit)
+inputs, batching = data()
+evaluation = model.evaluate(*inputs, **batching, verbose=0, distribution=strategy)
 predictions = model.predict(x, batch_size=16, verbose=0, distribution=strategy)
 
 reference = build("functional", weights)

@@ -149,6 +149,14 @@ def test_slurm_variables(tmp_path):
     check_results(tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["tf_data", "py_dataset", "torch_dataloader"])
+def test_dataset_inputs(tmp_path, kind):
+    """Each worker gets its part of every global batch of a dataset input."""
+    codes = run_ranks(torchrun_envs(60), tmp_path, "--input", kind)
+    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
+    check_results(tmp_path)
+
+
 def torchrun_envs(timeout):
     port = str(free_port())
     return [base_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",

@@ -1,0 +1,50 @@
+"""How input is split between workers (backend-neutral, no processes)."""
+
+import numpy as np
+import pytest
+
+import keras_strategies as ks
+from keras_strategies import data
+
+
+def test_chunks_make_up_the_global_batch_in_rank_order():
+    for world in (1, 2, 3, 4):
+        for size in range(world, 40):
+            bounds = [data.chunk_bounds(size, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == size
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+
+
+def test_each_example_once_per_epoch_and_same_step_count():
+    n, batch, world = 69, 16, 2
+    parts = [data.worker_indices(n, batch, r, world) for r in range(world)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+    steps = [len(range(0, len(p), batch // world)) for p in parts]
+    assert steps[0] == steps[1] == 5
+
+
+def test_global_shuffle_changes_every_epoch_and_covers_everything():
+    x = np.arange(69, dtype="float32")[:, None]
+    y = np.arange(69)
+    shards = [data.ShuffledShards(x, y, None, 16, r, 2, seed=7) for r in range(2)]
+
+    def epoch():
+        seen = [int(v) for s in shards for i in range(len(s)) for v in s[i][1]]
+        for s in shards:
+            s.on_epoch_end()
+        return seen
+
+    first, second = epoch(), epoch()
+    assert sorted(first) == sorted(second) == list(range(69))
+    assert first != second
+
+
+def test_too_few_examples_in_the_last_batch_is_a_clear_error():
+    with pytest.raises(ks.StrategyError, match="last global batch has 1 example"):
+        data.check_splittable(65, 16, 2, "MultiWorkerMirrored(...)")
+
+
+def test_indivisible_global_batch_is_a_clear_error():
+    x = np.zeros((32, 2), "float32")
+    with pytest.raises(ks.StrategyError, match="batch_size=5 .* not a multiple of the 2 workers"):
+        data.shard_input(x, None, None, 5, False, 0, 2, "MultiWorkerMirrored(...)")
