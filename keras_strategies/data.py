@@ -228,19 +228,13 @@ def shard_call(method, arguments, rank, world, strategy, seed=0):
     """
     if method == "predict" or world == 1:
         return arguments
-    from keras.src.trainers.data_adapters import array_slicing
     from keras.src.trainers.data_adapters import data_adapter_utils
 
     a = arguments.arguments
+    if method == "fit":
+        split_validation(arguments)
     x, y, weights = a.get("x"), a.get("y"), a.get("sample_weight")
     global_batch = a.get("batch_size")
-    if method == "fit" and a.get("validation_split") and a.get("validation_data") is None:
-        if is_array_like(x):  # split the global arrays as Keras would
-            (x, y, weights), validation = array_slicing.train_validation_split(
-                (x, y, weights), validation_split=a["validation_split"]
-            )
-            a["validation_data"] = validation
-        a["validation_split"] = 0.0
     shuffle = a.get("shuffle", True) if method == "fit" else False
     x, y, weights, batch, shuffle = shard_input(
         x, y, weights, global_batch, shuffle, rank, world, strategy, seed
@@ -260,4 +254,52 @@ def shard_call(method, arguments, rank, world, strategy, seed=0):
             if not is_array_like(vx) and not isinstance(vx, tuple):
                 a["validation_data"] = vx
             a["validation_batch_size"] = vbatch
+    return arguments
+
+
+def split_validation(arguments):
+    """`fit(validation_split=...)` on arrays, done before the input is rewritten
+    (Keras cannot split a dataset): the last fraction, as Keras does."""
+    from keras.src.trainers.data_adapters import array_slicing
+
+    a = arguments.arguments
+    if not a.get("validation_split") or a.get("validation_data") is not None:
+        return
+    if is_array_like(a.get("x")):
+        (a["x"], a["y"], a["sample_weight"]), a["validation_data"] = (
+            array_slicing.train_validation_split(
+                (a.get("x"), a.get("y"), a.get("sample_weight")),
+                validation_split=a["validation_split"],
+            )
+        )
+    a["validation_split"] = 0.0
+
+
+def shuffle_globally(method, arguments, seed=0):
+    """`fit(shuffle=True)` on arrays when every worker reads the whole input
+    (TensorFlow, JAX): the global batches come in one order shared by every
+    worker, new each epoch. Left to each worker, Keras would shuffle with each
+    worker's own random state, and the workers' slices of a global batch would
+    then miss some examples and repeat others.
+
+    Args:
+        method: `"fit"`, `"evaluate"` or `"predict"`; only fit shuffles.
+        arguments: the call's `inspect.BoundArguments` (changed in place).
+        seed: the shuffle seed, the same on every worker.
+
+    Returns:
+        The same `arguments`.
+    """
+    a = arguments.arguments
+    if method != "fit":
+        return arguments
+    split_validation(arguments)
+    shuffle = a.get("shuffle", True)
+    if not shuffle or shuffle == "batch" or not is_array_like(a.get("x")):
+        return arguments
+    a["x"] = ShuffledShards(
+        a["x"], a.get("y"), a.get("sample_weight"), a.get("batch_size") or 32, 0, 1, seed
+    )
+    a["y"] = a["sample_weight"] = a["batch_size"] = None
+    a["shuffle"] = False
     return arguments

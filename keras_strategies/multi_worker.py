@@ -28,6 +28,15 @@ _CHIEF_ONLY = (keras.callbacks.CSVLogger, keras.callbacks.ProgbarLogger)
 _REDIRECTED = {keras.callbacks.ModelCheckpoint: "filepath", keras.callbacks.TensorBoard: "log_dir"}
 
 
+def shuffle_seed():
+    """The seed every worker shuffles with: Keras's global seed when set
+    (`keras.utils.set_random_seed`, the same on every worker), else 0."""
+    from keras.src.utils import rng_utils
+
+    seed = rng_utils.get_random_seed()
+    return 0 if seed is None else int(seed)
+
+
 def default_timeout():
     """Seconds a worker waits for its peers before failing (env-configurable)."""
     return float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT))

@@ -26,6 +26,7 @@ parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--die-at-step", type=int, default=None)
 parser.add_argument("--hang-at-step", type=int, default=None)
 parser.add_argument("--input", default="numpy", help="numpy, tf_data, py_dataset or torch_dataloader")
+parser.add_argument("--coverage", action="store_true", help="one shuffled epoch of one-hot examples")
 args = parser.parse_args()
 
 strategy = ks.MultiWorkerMirrored()
@@ -51,6 +52,17 @@ class Fault(keras.callbacks.Callback):
             while True:
                 time.sleep(1)
 
+
+if args.coverage:
+    # Example i only moves weight i (one-hot inputs, no bias), from 0 to
+    # 2 * lr / batch if it is seen exactly once in the epoch.
+    n = 64
+    coverage = keras.Sequential([keras.Input((n,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    coverage.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    coverage.fit(np.eye(n, dtype="float32"), np.ones((n, 1), "float32"), batch_size=16, epochs=1,
+                 shuffle=True, verbose=0, distribution=strategy)
+    np.save(os.path.join(args.out, f"coverage{rank}.npy"), coverage.get_weights()[0][:, 0])
+    sys.exit(0)
 
 x, y = make_data()
 weights = initial_weights("functional")

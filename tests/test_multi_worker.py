@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from conftest import BACKEND
-from keras_strategies.launch import launch
 from keras_strategies.ports import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,6 +154,14 @@ def test_dataset_inputs(tmp_path, kind):
     codes = run_ranks(torchrun_envs(60), tmp_path, "--input", kind)
     assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
     check_results(tmp_path)
+
+
+def test_a_shuffled_epoch_sees_each_example_exactly_once(tmp_path):
+    codes = run_ranks(torchrun_envs(60), tmp_path, "--coverage")
+    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
+    seen = [np.load(os.path.join(tmp_path, f"coverage{r}.npy")) for r in range(2)]
+    np.testing.assert_array_equal(seen[0], seen[1])
+    np.testing.assert_allclose(seen[0], 2 * 0.5 / 16, rtol=1e-6)  # each example once
 
 
 def torchrun_envs(timeout):

@@ -19,11 +19,13 @@ from keras.src.backend.jax import distribution_lib as jax_distribution_lib
 from keras.src.callbacks.callback_list import CallbackList
 from keras.src.distribution import distribution_lib
 
+from keras_strategies import data as data_lib
 from keras_strategies.backend_base import BackendStrategy
 from keras_strategies.backend_base import reset_compiled_functions
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.jax.common import input_mode
 from keras_strategies.errors import WorkerError
+from keras_strategies.multi_worker import shuffle_seed
 
 
 def create(strategy, devices, cluster, timeout, **options):
@@ -117,7 +119,7 @@ class JaxMultiWorker(BackendStrategy):
 
     def prepare_call(self, model, method, arguments):
         self._method = method
-        return arguments
+        return data_lib.shuffle_globally(method, arguments, shuffle_seed())
 
     @contextlib.contextmanager
     def run_context(self, model):

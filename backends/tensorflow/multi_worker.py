@@ -14,12 +14,14 @@ import contextlib
 import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as tf_trainer
 
+from keras_strategies import data as data_lib
 from keras_strategies.backend_base import BackendStrategy
 from keras_strategies.backends.tensorflow.common import global_batch_training
 from keras_strategies.backends.tensorflow.common import mean_aggregating_creator
 from keras_strategies.backends.tensorflow.common import recreate_variables
 from keras_strategies.backend_base import reset_compiled_functions
 from keras_strategies.errors import WorkerError
+from keras_strategies.multi_worker import shuffle_seed
 from keras_strategies.ports import free_port
 from keras_strategies.rendezvous import exchange_addresses
 
@@ -104,6 +106,9 @@ class TensorFlowMultiWorker(BackendStrategy):
         if getattr(model, "optimizer", None) is not None:
             model.optimizer._distribution_strategy = tf.distribute.get_strategy()
         reset_compiled_functions(model)
+
+    def prepare_call(self, model, method, arguments):
+        return data_lib.shuffle_globally(method, arguments, shuffle_seed())
 
     @contextlib.contextmanager
     def run_context(self, model):

@@ -24,6 +24,7 @@ from keras_strategies.backend_base import BackendStrategy
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.torch.common import torch_device
 from keras_strategies.errors import WorkerError
+from keras_strategies.multi_worker import shuffle_seed
 
 
 def create(strategy, devices, cluster, timeout, **options):
@@ -240,7 +241,8 @@ class TorchMultiWorker(BackendStrategy):
     # -- hooks -----------------------------------------------------------------
     def prepare_call(self, model, method, arguments):
         return data_lib.shard_call(
-            method, arguments, self.cluster.rank, self.cluster.world_size, self.strategy
+            method, arguments, self.cluster.rank, self.cluster.world_size, self.strategy,
+            seed=shuffle_seed(),
         )
 
     @contextlib.contextmanager
