@@ -26,6 +26,7 @@ parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--die-at-step", type=int, default=None)
 parser.add_argument("--hang-at-step", type=int, default=None)
 parser.add_argument("--input", default="numpy", help="numpy, tf_data, py_dataset or torch_dataloader")
+parser.add_argument("--batch-norm", action="store_true")
 parser.add_argument("--coverage", action="store_true", help="one shuffled epoch of one-hot examples")
 args = parser.parse_args()
 
@@ -65,7 +66,7 @@ if args.coverage:
     sys.exit(0)
 
 x, y = make_data()
-weights = initial_weights("functional")
+weights = initial_weights("functional", args.batch_norm)
 if args.die_at_step or args.hang_at_step:
     x, y = make_data(n=4096)
     args.epochs = 50
@@ -91,17 +92,17 @@ def data():
 inputs, batching = data()
 if args.pattern == "scope":
     with strategy.scope():
-        model = build("functional", weights)
+        model = build("functional", weights, args.batch_norm)
     history = model.fit(*inputs, **batching, **fit)
 else:
     # a different start on every worker: worker 0's weights must win
-    model = build("functional", [w + rank for w in weights])
+    model = build("functional", [w + rank for w in weights], args.batch_norm)
     history = model.fit(*inputs, **batching, distribution=strategy, **fit)
 inputs, batching = data()
 evaluation = model.evaluate(*inputs, **batching, verbose=0, distribution=strategy)
 predictions = model.predict(x, batch_size=16, verbose=0, distribution=strategy)
 
-reference = build("functional", weights)
+reference = build("functional", weights, args.batch_norm)
 ref_history = reference.fit(x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0)
 np.savez(os.path.join(args.out, f"weights{rank}.npz"), *model.get_weights())
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:

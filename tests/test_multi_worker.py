@@ -156,6 +156,12 @@ def test_dataset_inputs(tmp_path, kind):
     check_results(tmp_path)
 
 
+def test_batch_norm_statistics_over_the_global_batch(tmp_path):
+    codes = run_ranks(torchrun_envs(60), tmp_path, "--batch-norm")
+    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
+    check_results(tmp_path)  # moving statistics included: identical, and equal to one device
+
+
 def test_a_shuffled_epoch_sees_each_example_exactly_once(tmp_path):
     codes = run_ranks(torchrun_envs(60), tmp_path, "--coverage")
     assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]

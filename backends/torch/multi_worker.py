@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from keras.src import tree
 from keras.src.backend.torch.trainer import TorchTrainer
+from keras.src.layers.normalization.batch_normalization import BatchNormalization
 from keras.src.trainers.data_adapters import data_adapter_utils
 from torch.nn.parallel import DistributedDataParallel
 
@@ -238,6 +239,31 @@ class TorchMultiWorker(BackendStrategy):
 
         return result
 
+    def _global_moments(self, layer):
+        """BatchNormalization statistics over the global batch (all workers),
+        differentiable, so every worker's moving statistics stay identical and
+        training equals one device (as on the other backends)."""
+        from torch.distributed.nn import functional as dist_nn
+
+        original = layer._moments
+
+        def moments(inputs, mask):
+            if mask is not None:
+                return original(inputs, mask)
+            axes = list(layer._reduction_axes)
+            count = torch.ones((), dtype=inputs.dtype, device=inputs.device)
+            for axis in axes:
+                count = count * inputs.shape[axis]
+            sums = torch.sum(inputs, dim=axes)
+            squares = torch.sum(inputs * inputs, dim=axes)
+            total = dist_nn.all_reduce(torch.cat([sums, squares, count.reshape(1)]))
+            channels = sums.shape[0]
+            mean = total[:channels] / total[-1]
+            variance = torch.clamp(total[channels:2 * channels] / total[-1] - mean * mean, min=0.0)
+            return mean, variance
+
+        return moments
+
     # -- hooks -----------------------------------------------------------------
     def prepare_call(self, model, method, arguments):
         return data_lib.shard_call(
@@ -260,6 +286,12 @@ class TorchMultiWorker(BackendStrategy):
         if optimizer is not None and custom_step:
             optimizer.__dict__["apply"] = self._all_reducing_apply(optimizer.apply)
         model.__dict__.update(overrides)
+        norms = [
+            layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, BatchNormalization)
+        ]
+        for layer in norms:
+            layer.__dict__["_moments"] = self._global_moments(layer)
         try:
             self._needs_sync = True
             with self._failures_as_worker_errors():
@@ -268,6 +300,8 @@ class TorchMultiWorker(BackendStrategy):
         finally:
             for name in overrides:
                 model.__dict__.pop(name, None)
+            for layer in norms:
+                layer.__dict__.pop("_moments", None)
             if optimizer is not None:
                 optimizer.__dict__.pop("apply", None)
 
