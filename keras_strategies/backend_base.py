@@ -97,3 +97,39 @@ class BackendStrategy(abc.ABC):
     def run_context(self, model):
         """Entered around each fit/evaluate/predict of the model."""
         return self.scope()
+
+
+class MultiProcessBackendStrategy(BackendStrategy):
+    """A backend strategy whose replicas span processes (one cluster).
+
+    Args:
+        strategy: the user-facing strategy.
+        devices: the devices asked for, or `None`.
+        cluster: a `keras_strategies.cluster.ClusterSpec`.
+        timeout: seconds to wait for a peer before failing.
+    """
+
+    def __init__(self, strategy, devices, cluster, timeout):
+        self.cluster = cluster
+        self.timeout = timeout
+        super().__init__(strategy, devices)
+
+    @property
+    def num_workers(self):
+        return self.cluster.world_size
+
+    @property
+    def worker_index(self):
+        return self.cluster.rank
+
+    def lost_contact(self, error):
+        """The `WorkerError` every survivor raises when a peer dies or hangs."""
+        from keras_strategies.errors import WorkerError
+
+        text = str(error).strip().splitlines()
+        return WorkerError(
+            f"{self.name} on the {self.backend} backend: worker {self.cluster.rank} lost "
+            f"contact with its peers (one died or hung; waited up to {self.timeout:.0f}s): "
+            f"{text[0] if text else repr(error)}. See the other workers' output; timeout= "
+            "(or KERAS_STRATEGIES_TIMEOUT) sets how long to wait."
+        )

@@ -20,7 +20,7 @@ from keras.src.callbacks.callback_list import CallbackList
 from keras.src.distribution import distribution_lib
 
 from keras_strategies import data as data_lib
-from keras_strategies.backend_base import BackendStrategy
+from keras_strategies.backend_base import MultiProcessBackendStrategy
 from keras_strategies.backend_base import reset_compiled_functions
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.jax.common import input_mode
@@ -58,26 +58,18 @@ def _initialize(cluster, timeout, name):
     jax_distribution_lib.initialize_rng()  # the same Keras seed on every process
 
 
-class JaxMultiWorker(BackendStrategy):
+class JaxMultiWorker(MultiProcessBackendStrategy):
     backend = "jax"
 
     def __init__(self, strategy, devices, cluster, timeout):
-        self.cluster = cluster
-        self.timeout = timeout
         if cluster.world_size > 1:
             _initialize(cluster, timeout, type(strategy).__name__)
-        super().__init__(strategy, devices)
+        super().__init__(strategy, devices, cluster, timeout)
         self.native = keras.distribution.DataParallel(
             devices=keras.distribution.list_devices(), auto_shard_dataset=False
         )
 
-    @property
-    def num_workers(self):
-        return self.cluster.world_size
 
-    @property
-    def worker_index(self):
-        return self.cluster.rank
 
     @property
     def num_replicas_in_sync(self):
@@ -139,11 +131,7 @@ class JaxMultiWorker(BackendStrategy):
         except Exception as error:
             text = str(error)
             if any(m in text for m in ("Gloo", "gloo", "Connection", "DEADLINE", "heartbeat", "UNAVAILABLE")):
-                raise WorkerError(
-                    f"{self.name} on the jax backend: worker {self.cluster.rank} lost "
-                    f"contact with its peers (one died or hung; waited up to "
-                    f"{self.timeout:.0f}s): {text.splitlines()[0]}."
-                ) from error
+                raise self.lost_contact(error) from error
             raise
         finally:
             input_mode.global_batches, input_mode.replicate = previous

@@ -15,12 +15,11 @@ import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as tf_trainer
 
 from keras_strategies import data as data_lib
-from keras_strategies.backend_base import BackendStrategy
+from keras_strategies.backend_base import MultiProcessBackendStrategy
 from keras_strategies.backends.tensorflow.common import global_batch_training
 from keras_strategies.backends.tensorflow.common import mean_aggregating_creator
 from keras_strategies.backends.tensorflow.common import recreate_variables
 from keras_strategies.backend_base import reset_compiled_functions
-from keras_strategies.errors import WorkerError
 from keras_strategies.multi_worker import shuffle_seed
 from keras_strategies.ports import free_port
 from keras_strategies.rendezvous import exchange_addresses
@@ -47,13 +46,11 @@ def _resolver(cluster, timeout):
     )
 
 
-class TensorFlowMultiWorker(BackendStrategy):
+class TensorFlowMultiWorker(MultiProcessBackendStrategy):
     backend = "tensorflow"
 
     def __init__(self, strategy, devices, cluster, timeout):
-        self.cluster = cluster
-        self.timeout = timeout
-        super().__init__(strategy, devices)
+        super().__init__(strategy, devices, cluster, timeout)
         if "strategy" not in _native:
             options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
             try:
@@ -68,13 +65,7 @@ class TensorFlowMultiWorker(BackendStrategy):
                 ) from error
         self.native = _native["strategy"]
 
-    @property
-    def num_workers(self):
-        return self.cluster.world_size
 
-    @property
-    def worker_index(self):
-        return self.cluster.rank
 
     @property
     def num_replicas_in_sync(self):
@@ -119,11 +110,7 @@ class TensorFlowMultiWorker(BackendStrategy):
             except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                     tf.errors.CancelledError, tf.errors.AbortedError,
                     tf.errors.InternalError) as error:
-                raise WorkerError(
-                    f"{self.name} on the tensorflow backend: worker {self.cluster.rank} "
-                    f"lost contact with its peers (one died or hung; waited up to "
-                    f"{self.timeout:.0f}s): {str(error).splitlines()[0]}."
-                ) from error
+                raise self.lost_contact(error) from error
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 from torch.nn.parallel import DistributedDataParallel
 
 from keras_strategies import data as data_lib
-from keras_strategies.backend_base import BackendStrategy
+from keras_strategies.backend_base import MultiProcessBackendStrategy
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.torch.common import torch_device
 from keras_strategies.errors import WorkerError
@@ -64,26 +64,18 @@ def _batch_size(data):
     return next(i for i in tree.flatten(x) if i is not None).shape[0]
 
 
-class TorchMultiWorker(BackendStrategy):
+class TorchMultiWorker(MultiProcessBackendStrategy):
     backend = "torch"
 
     def __init__(self, strategy, devices, cluster, timeout):
-        self.cluster = cluster
-        self.timeout = timeout
-        super().__init__(strategy, devices)
+        super().__init__(strategy, devices, cluster, timeout)
         self.native = torch_device(self.devices[self.cluster.local_rank % len(self.devices)])
         self._ddp = {}  # id(model) -> DDP wrapper (kept out of Keras tracking)
         self._share = None
         self._needs_sync = False
         self._init_process_group()
 
-    @property
-    def num_workers(self):
-        return self.cluster.world_size
 
-    @property
-    def worker_index(self):
-        return self.cluster.rank
 
     @property
     def num_replicas_in_sync(self):
@@ -323,11 +315,5 @@ class TorchMultiWorker(BackendStrategy):
                 for marker in ("Connection closed", "Connection reset", "Timed out", "timed out",
                                "Gloo", "gloo", "NCCL", "peer", "Broken pipe")
             ):
-                raise WorkerError(
-                    f"{self.name} on the torch backend: worker {self.cluster.rank} lost "
-                    f"contact with its peers (one died or hung; waited up to "
-                    f"{self.timeout:.0f}s): {text.splitlines()[0] if text else error!r}. "
-                    "See the other workers' output; timeout= (or "
-                    "KERAS_STRATEGIES_TIMEOUT) sets how long to wait."
-                ) from error
+                raise self.lost_contact(error) from error
             raise
