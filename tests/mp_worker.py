@@ -22,7 +22,7 @@ import keras_strategies as ks  # noqa: E402  (before the backend starts)
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--pattern", default="fit_argument")
-parser.add_argument("--epochs", type=int, default=2)
+parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--die-at-step", type=int, default=None)
 parser.add_argument("--hang-at-step", type=int, default=None)
 parser.add_argument("--input", default="numpy", help="numpy, tf_data, py_dataset or torch_dataloader")
@@ -75,7 +75,8 @@ callbacks = [
     keras.callbacks.ModelCheckpoint(os.path.join(user_dir, "ckpt.weights.h5"), save_weights_only=True),
     keras.callbacks.CSVLogger(os.path.join(user_dir, "log.csv")),
     keras.callbacks.BackupAndRestore(os.path.join(user_dir, "backup"), delete_checkpoint=False),
-    keras.callbacks.EarlyStopping(monitor="loss", patience=100),
+    # no epoch improves the loss by 10: every worker must stop after epoch 2
+    keras.callbacks.EarlyStopping(monitor="loss", min_delta=10.0, patience=1),
     Fault(),
 ]
 fit = dict(epochs=args.epochs, shuffle=False, verbose=2, callbacks=callbacks)
@@ -103,7 +104,10 @@ evaluation = model.evaluate(*inputs, **batching, verbose=0, distribution=strateg
 predictions = model.predict(x, batch_size=16, verbose=0, distribution=strategy)
 
 reference = build("functional", weights, args.batch_norm)
-ref_history = reference.fit(x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0)
+ref_history = reference.fit(
+    x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0,
+    callbacks=[keras.callbacks.EarlyStopping(monitor="loss", min_delta=10.0, patience=1)],
+)
 np.savez(os.path.join(args.out, f"weights{rank}.npz"), *model.get_weights())
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(

@@ -77,6 +77,8 @@ def check_results(out, epochs=2):
         np.testing.assert_array_equal(weights[0][key], weights[1][key])
     for result in results:
         assert result["workers"] == 2 and result["replicas"] == 2
+        # EarlyStopping took the same decision on every worker (after epoch 2 of 3)
+        assert len(result["history"]["loss"]) == len(result["ref_history"]["loss"]) == epochs
         assert result["max_weight_diff"] < 1e-5  # equals one device on the global batches
         for key, values in result["ref_history"].items():
             np.testing.assert_allclose(result["history"][key], values, atol=1e-5)
