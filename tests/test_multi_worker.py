@@ -121,6 +121,34 @@ def test_launcher(tmp_path):
     check_results(tmp_path)
 
 
+def test_torchrun(tmp_path):
+    """The same script, unchanged, under torchrun (any backend)."""
+    log_path = os.path.join(tmp_path, "torchrun.log")
+    env = base_env(MASTER_PORT=str(free_port()))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-addr", "127.0.0.1", "--master-port", env["MASTER_PORT"],
+             "--tee", "3", "--log-dir", os.path.join(tmp_path, "torchrun-logs"),
+             WORKER, str(tmp_path)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            code = process.wait(timeout=RUN_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+    with open(log_path) as f:
+        text = f.read()
+    assert code == 0, text[-4000:]
+    for rank in range(2):  # torchrun's --tee prefixes each rank's lines with "[default<rank>]:"
+        with open(os.path.join(tmp_path, f"output{rank}.log"), "w") as f:
+            f.write("\n".join(line.split(":", 1)[1] for line in text.splitlines()
+                              if line.startswith(f"[default{rank}]:")))
+    check_results(tmp_path)
+
+
 def test_tf_config(tmp_path):
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
