@@ -1,0 +1,334 @@
+"""Benchmarks keras_strategies (A) against the native way (B), per backend and strategy.
+
+    python benchmarks/run.py --quick          # MLP, every backend, < 10 min on 2 cores
+    python benchmarks/run.py                  # all three workloads, longer runs
+    python benchmarks/run.py --backends jax --strategies mirrored --workloads mlp \
+        --replicas 2 --repeats 1 --epochs 2 --steps 3 --out /tmp/b.json --no-plot   # smoke
+
+Every measurement is its own process (several, through keras_strategies.launch,
+for multi-process strategies), with KERAS_BACKEND chosen per run and one
+intra-op thread per replica. For each case (backend, strategy, workload,
+replicas) the methods run alternately, A B A B, `--repeats` times. Throughput
+is samples/s per epoch with the first epoch (compilation, tracing, DDP setup)
+left out; the median over every later epoch of every repeat is reported, with
+min-max. Writes JSON, then (report.py) a markdown table and a PNG plot.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "worker.py")
+sys.path.insert(0, HERE)
+
+from workloads import WORKLOADS  # noqa: E402
+
+# (backend, strategy) -> (in one process?, methods: A first, then B and lower bounds)
+CASES = {
+    ("tensorflow", "mirrored"): (True, ["ks", "native"]),
+    ("tensorflow", "multi_worker"): (False, ["ks"]),
+    ("jax", "mirrored"): (True, ["ks", "native"]),
+    ("jax", "multi_worker"): (False, ["ks", "native"]),
+    ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp"]),
+}
+
+NOT_RUN = {
+    ("tensorflow", "multi_worker", "native"):
+        "native does not run: MultiWorkerMirroredStrategy + Keras 3 fit crashes (keras#20585)",
+    ("torch", "mirrored", "ks"):
+        "not measured: PyTorch has one CPU device; Mirrored over CPU replicas is MultiWorkerMirrored here",
+}
+
+LABELS = {
+    "ks": "keras_strategies fit(distribution=)",
+    ("tensorflow", "native"): "tf.distribute scope + Keras fit",
+    ("jax", "native", "mirrored"): "keras.distribution.DataParallel",
+    ("jax", "native", "multi_worker"): "keras.distribution.initialize + DataParallel (tf.data)",
+    "keras_ddp": "Keras model + hand-written DDP loop",
+    "torch_ddp": "torch.nn + DDP loop (lower bound)",
+}
+
+STRATEGY_NAMES = {"mirrored": "Mirrored", "multi_worker": "MultiWorkerMirrored"}
+
+CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                     "MASTER_ADDR", "MASTER_PORT", "TF_CONFIG", "KERAS_STRATEGIES_LAUNCHED",
+                     "KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                     "KERAS_DISTRIBUTION_PROCESS_ID", "XLA_FLAGS")
+
+
+def label(backend, strategy, method):
+    return LABELS.get((backend, method, strategy)) or LABELS.get((backend, method)) or LABELS[method]
+
+
+def role(method):
+    return {"ks": "A", "torch_ddp": "lower bound"}.get(method, "B")
+
+
+def run_env(backend, threads):
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
+    env.update(
+        KERAS_BACKEND=backend,
+        PYTHONUNBUFFERED="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TF_NUM_INTRAOP_THREADS=str(threads),
+        TF_NUM_INTEROP_THREADS=str(threads),
+        # one XLA CPU thread per device (each replica is a device)
+        XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+        PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+    )
+    return env
+
+
+def measure(backend, strategy, method, workload, replicas, args, tmp):
+    """One measurement: returns a dict (status ok, or failed with the output tail)."""
+    in_process, _ = CASES[(backend, strategy)]
+    processes = 1 if in_process else replicas
+    threads = replicas if in_process else 1
+    out = os.path.join(tmp, f"{backend}-{strategy}-{method}-{workload}-{replicas}-{time.time_ns()}")
+    worker = [sys.executable, WORKER, "--method", method, "--strategy", strategy,
+              "--replicas", str(replicas), "--workload", workload, "--epochs", str(args.epochs),
+              "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(threads),
+              "--out", out]
+    if in_process:
+        command = worker
+    else:
+        command = [sys.executable, "-m", "keras_strategies.launch", "--nproc-per-node",
+                   str(processes), "--timeout", str(args.timeout), *worker[1:]]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=run_env(backend, threads), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=args.timeout + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # the launcher stops its own ranks on SIGTERM
+        try:
+            output, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    ranks = []
+    for rank in range(processes):
+        path = f"{out}.rank{rank}.json"
+        if os.path.exists(path):
+            with open(path) as f:
+                ranks.append(json.load(f))
+    record = dict(backend=backend, strategy=strategy, method=method, workload=workload,
+                  replicas=replicas, processes=processes, threads_per_process=threads,
+                  wall_s=round(wall, 2), exit_code=proc.returncode)
+    if proc.returncode != 0 or len(ranks) != processes:
+        record.update(status="failed", output_tail=output.strip().splitlines()[-15:])
+        return record
+    chief = ranks[0]
+    steady = chief["epoch_seconds"][1:] or chief["epoch_seconds"]
+    record.update(
+        status="ok",
+        samples_per_s=[chief["samples_per_epoch"] / t for t in steady],
+        first_epoch_s=chief["epoch_seconds"][0],
+        first_step_s=chief["first_step_s"],
+        steps_seen=chief["steps_seen"],
+        peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
+    )
+    return record
+
+
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    return None if not n else (values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2)
+
+
+def summarize(runs):
+    """Results per (backend, strategy, workload, method, replicas), ratios and scaling."""
+    groups = {}
+    for run in runs:
+        key = (run["backend"], run["strategy"], run["workload"], run["method"], run["replicas"])
+        groups.setdefault(key, []).append(run)
+    results = []
+    for (backend, strategy, workload, method, replicas), group in groups.items():
+        ok = [r for r in group if r["status"] == "ok"]
+        entry = dict(backend=backend, strategy=strategy, workload=workload, method=method,
+                     label=label(backend, strategy, method), role=role(method), replicas=replicas,
+                     processes=group[0]["processes"],
+                     threads_per_process=group[0]["threads_per_process"], runs=len(group))
+        if not ok:
+            entry.update(status="failed", output_tail=group[-1].get("output_tail"))
+        else:
+            samples = [s for r in ok for s in r["samples_per_s"]]
+            entry.update(
+                status="ok" if len(ok) == len(group) else f"{len(group) - len(ok)} of {len(group)} runs failed",
+                samples_per_s=dict(median=median(samples), min=min(samples), max=max(samples),
+                                   n=len(samples)),
+                first_step_s=median([r["first_step_s"] for r in ok]),
+                peak_rss_mib=[max(r["peak_rss_mib"][i] for r in ok) for i in range(len(ok[0]["peak_rss_mib"]))],
+            )
+        results.append(entry)
+    for (backend, strategy, method), reason in NOT_RUN.items():
+        if any(r["backend"] == backend and r["strategy"] == strategy for r in results):
+            for workload in {r["workload"] for r in results}:
+                for replicas in {r["replicas"] for r in results}:
+                    results.append(dict(backend=backend, strategy=strategy, workload=workload,
+                                        method=method, label=label(backend, strategy, "native")
+                                        if method == "native" else label(backend, strategy, method),
+                                        role=role(method), replicas=replicas, status=reason))
+
+    def thr(backend, strategy, workload, method, replicas):
+        for r in results:
+            if (r["backend"], r["strategy"], r["workload"], r["method"], r["replicas"]) == \
+                    (backend, strategy, workload, method, replicas) and "samples_per_s" in r:
+                return r
+        return None
+
+    comparisons, scaling = [], []
+    for r in results:
+        if r["method"] == "ks" and "samples_per_s" in r:
+            for other in results:
+                if other is r or other["method"] == "ks":
+                    continue
+                if (other["backend"], other["strategy"], other["workload"], other["replicas"]) != \
+                        (r["backend"], r["strategy"], r["workload"], r["replicas"]):
+                    continue
+                comp = dict(backend=r["backend"], strategy=r["strategy"], workload=r["workload"],
+                            replicas=r["replicas"], against=other["method"], against_label=other["label"])
+                if "samples_per_s" in other:
+                    comp.update(
+                        throughput_ratio=r["samples_per_s"]["median"] / other["samples_per_s"]["median"],
+                        peak_rss_ratio=max(r["peak_rss_mib"]) / max(other["peak_rss_mib"]),
+                        first_step_delta_s=r["first_step_s"] - other["first_step_s"],
+                    )
+                else:
+                    comp.update(status=other["status"])
+                comparisons.append(comp)
+        if r["replicas"] == 2 and "samples_per_s" in r:
+            one = thr(r["backend"], r["strategy"], r["workload"], r["method"], 1)
+            if one:
+                scaling.append(dict(backend=r["backend"], strategy=r["strategy"], workload=r["workload"],
+                                    method=r["method"], label=r["label"],
+                                    efficiency=r["samples_per_s"]["median"] / (2 * one["samples_per_s"]["median"])))
+    return results, comparisons, scaling
+
+
+def machine():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = None
+    try:
+        with open("/proc/meminfo") as f:
+            memory = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return dict(platform=platform.platform(), python=platform.python_version(), cpu=cpu,
+                cores=os.cpu_count(), memory_gib=memory)
+
+
+def versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("keras", "tensorflow-cpu", "jax", "jaxlib", "torch", "keras-strategies"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="MLP only, short runs, one A B round at 1 replica (< 10 min on 2 idle cores)")
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--strategies", default="mirrored,multi_worker")
+    parser.add_argument("--workloads", default=None, help=f"comma list of {','.join(WORKLOADS)}")
+    parser.add_argument("--methods", default=None,
+                        help="comma list limiting the methods (ks, native, keras_ddp, torch_ddp)")
+    parser.add_argument("--replicas", default="1,2", help="replica counts to measure (scaling needs 1,2)")
+    parser.add_argument("--repeats", type=int, default=None, help="A B rounds per case")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (the first is left out)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per epoch")
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per measurement")
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "results.json"))
+    parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    parser.add_argument("--no-plot", action="store_true", help="JSON and markdown only")
+    args = parser.parse_args(argv)
+    workloads = (args.workloads or ("mlp" if args.quick else ",".join(WORKLOADS))).split(",")
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.epochs = args.epochs or (4 if args.quick else 6)
+    args.steps = args.steps or (20 if args.quick else 50)
+    replica_counts = [int(n) for n in args.replicas.split(",")]
+
+    plan = []
+    for backend in args.backends.split(","):
+        for strategy in args.strategies.split(","):
+            if (backend, strategy) not in CASES:
+                continue
+            for workload in workloads:
+                for replicas in replica_counts:
+                    plan.append((backend, strategy, workload, replicas))
+
+    started = time.perf_counter()
+    meta = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
+        config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
+                    steps_per_epoch=args.steps, global_batch=args.batch, optimizer="Adam(1e-3)",
+                    shuffle=False, metrics=None,
+                    threads="one intra-op thread per replica: a process holding k replicas gets k "
+                            "TF intra/inter-op threads (or torch threads); XLA: one thread per device"),
+    )
+    runs = []
+    tmp = tempfile.mkdtemp(prefix="ks-bench-")
+    try:
+        for backend, strategy, workload, replicas in plan:
+            methods = [m for m in CASES[(backend, strategy)][1]
+                       if not args.methods or m in args.methods.split(",")]
+            # --quick: one A B round at 1 replica (for scaling), A B A B at 2 replicas
+            for repeat in range(1 if args.quick and replicas == 1 else args.repeats):
+                for method in methods:  # A B A B ...
+                    record = measure(backend, strategy, method, workload, replicas, args, tmp)
+                    record["repeat"] = repeat
+                    runs.append(record)
+                    thr = record.get("samples_per_s")
+                    shown = f"{median(thr):.0f} samples/s" if thr else record["status"]
+                    print(f"[{time.perf_counter() - started:6.0f}s] {backend:10s} {strategy:12s} "
+                          f"{workload:10s} x{replicas} {method:9s} #{repeat}: {shown} "
+                          f"({record['wall_s']:.0f}s)", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results, comparisons, scaling = summarize(runs)
+    meta.update(wall_s=round(time.perf_counter() - started, 1), load_average_after=os.getloadavg())
+    data = dict(meta=meta, results=results, comparisons=comparisons, scaling=scaling, runs=runs)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {args.out}")
+    import report
+
+    report.write_all(args.out, plot=not args.no_plot)
+    failed = [r for r in runs if r["status"] != "ok"]
+    for r in failed:
+        print(f"FAILED {r['backend']} {r['strategy']} {r['method']} x{r['replicas']}:",
+              *r.get("output_tail", []), sep="\n  ")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""One benchmark measurement: run in its own process (one per rank) by run.py.
+
+    KERAS_BACKEND=jax python benchmarks/worker.py --method ks --strategy mirrored \
+        --replicas 2 --workload mlp --epochs 4 --steps 20 --batch 256 --out /tmp/r
+
+Methods:
+    ks         keras_strategies through model.fit(..., distribution=...)
+    native     TF: tf.distribute strategy scope + Keras fit;
+               JAX: keras.distribution.DataParallel (one process), or
+               keras.distribution.initialize + DataParallel on tf.data (several)
+    keras_ddp  torch: hand-written DDP loop over the Keras model (Keras guide)
+    torch_ddp  torch: hand-written DDP loop over an equivalent torch.nn model
+
+Writes OUT.rank{RANK}.json with per-epoch samples/s, time from the fit call (or
+loop start) to the first finished step, and this process's peak RSS.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from workloads import build_keras, build_torch, make_data  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--method", required=True, choices=["ks", "native", "keras_ddp", "torch_ddp"])
+parser.add_argument("--strategy", required=True, choices=["mirrored", "multi_worker"])
+parser.add_argument("--replicas", type=int, required=True)
+parser.add_argument("--workload", default="mlp")
+parser.add_argument("--epochs", type=int, default=4)
+parser.add_argument("--steps", type=int, default=20, help="steps per epoch")
+parser.add_argument("--batch", type=int, default=256, help="global batch")
+parser.add_argument("--threads", type=int, default=1, help="intra-op threads of this process")
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+
+BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+RANK = int(os.environ.get("RANK", "0"))
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+LR = 1e-3
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def write(result):
+    result.update(rank=RANK, world_size=WORLD, peak_rss_mib=peak_rss_mib(), backend=BACKEND)
+    with open(f"{args.out}.rank{RANK}.json", "w") as f:
+        json.dump(result, f)
+
+
+# Threads first: before any engine starts.
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+elif BACKEND == "torch":
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+
+strategy = None
+if args.method == "ks":
+    import keras_strategies as ks  # before the backend starts
+
+    if args.strategy == "mirrored":
+        strategy = ks.Mirrored(devices=[f"cpu:{i}" for i in range(args.replicas)])
+    else:
+        strategy = ks.MultiWorkerMirrored()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+native = None
+if args.method == "native":
+    if BACKEND == "tensorflow":
+        if args.strategy != "mirrored":
+            raise SystemExit("native MultiWorkerMirrored with Keras 3 fit does not run (keras#20585)")
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(args.replicas)]
+        )
+        native = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(args.replicas)])
+    elif BACKEND == "jax":
+        import jax
+
+        if args.strategy == "mirrored":
+            jax.config.update("jax_num_cpu_devices", args.replicas)
+        elif WORLD > 1:
+            # CPU collectives between processes need gloo (GPUs/TPUs ignore it).
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            keras.distribution.initialize(
+                job_addresses=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                num_processes=WORLD,
+                process_id=RANK,
+            )
+        native = keras.distribution.DataParallel(devices=jax.devices())
+        keras.distribution.set_distribution(native)
+    else:
+        raise SystemExit("torch has no native Keras fit distribution; use keras_ddp / torch_ddp")
+
+x, y = make_data(args.workload, args.steps * args.batch)
+samples_per_epoch = args.steps * args.batch
+
+
+class Timer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.first_step_end = None
+        self.epoch_times = []
+        self.steps_seen = []
+        self._begin = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps_seen[-1] += 1
+        if self.first_step_end is None:
+            if logs and "loss" in logs:  # wait for the step itself (async engines)
+                keras.ops.convert_to_numpy(logs["loss"])
+            self.first_step_end = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.steps_seen.append(0)
+        self._begin = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and "loss" in logs:
+            float(np.asarray(keras.ops.convert_to_numpy(logs["loss"])))
+        self.epoch_times.append(time.perf_counter() - self._begin)
+
+
+def compile_model(model):
+    model.compile(
+        optimizer=keras.optimizers.Adam(LR),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+
+def run_keras_fit():
+    keras.utils.set_random_seed(0)
+    timer = Timer()
+    fit_kwargs = dict(batch_size=args.batch, epochs=args.epochs, shuffle=False, verbose=0,
+                      callbacks=[timer])
+    if args.method == "ks":
+        model = build_keras(args.workload)
+        compile_model(model)
+        start = time.perf_counter()
+        model.fit(x, y, distribution=strategy, **fit_kwargs)
+    elif BACKEND == "tensorflow":
+        scope = native.scope()  # keep the reference (see multiprocess-notes.md)
+        with scope:
+            model = build_keras(args.workload)
+            compile_model(model)
+        start = time.perf_counter()
+        model.fit(x, y, **fit_kwargs)
+    else:  # JAX DataParallel
+        model = build_keras(args.workload)
+        compile_model(model)
+        if WORLD > 1:
+            import tensorflow as tf
+
+            data = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch)
+            fit_kwargs.pop("batch_size")
+            fit_kwargs.pop("shuffle")
+            start = time.perf_counter()
+            model.fit(data, **fit_kwargs)
+        else:
+            start = time.perf_counter()
+            model.fit(x, y, **fit_kwargs)
+    return timer.epoch_times, timer.first_step_end - start, timer.steps_seen
+
+
+def run_torch_loop():
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=300))
+    torch.manual_seed(0)
+    keras.utils.set_random_seed(0)
+    xs = x
+    if args.method == "torch_ddp":
+        model = build_torch(args.workload)
+        if xs.ndim == 4:
+            xs = np.ascontiguousarray(xs.transpose(0, 3, 1, 2))  # NHWC -> NCHW
+    else:
+        model = build_keras(args.workload)  # a torch.nn.Module under the torch backend
+    dataset = TensorDataset(torch.from_numpy(xs), torch.from_numpy(y.astype("int64")))
+    sampler = DistributedSampler(dataset, num_replicas=WORLD, rank=RANK, shuffle=False)
+    loader = DataLoader(dataset, batch_size=args.batch // WORLD, sampler=sampler)
+    start = time.perf_counter()
+    ddp = DDP(model)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=LR)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    first = None
+    epoch_times = []
+    steps_seen = []
+    for _ in range(args.epochs):
+        begin = time.perf_counter()
+        steps_seen.append(0)
+        for xb, yb in loader:
+            steps_seen[-1] += 1
+            if args.method == "keras_ddp":
+                logits = ddp(xb, training=True)
+            else:
+                logits = ddp(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if first is None:
+                first = time.perf_counter() - start
+        loss.item()
+        epoch_times.append(time.perf_counter() - begin)
+    del ddp  # before destroying the group (multiprocess-notes.md: DDP shutdown)
+    dist.destroy_process_group()
+    return epoch_times, first, steps_seen
+
+
+if args.method in ("keras_ddp", "torch_ddp"):
+    epoch_times, first_step, steps_seen = run_torch_loop()
+else:
+    epoch_times, first_step, steps_seen = run_keras_fit()
+
+write({
+    "method": args.method,
+    "strategy": args.strategy,
+    "workload": args.workload,
+    "replicas": args.replicas,
+    "epoch_seconds": epoch_times,
+    "samples_per_epoch": samples_per_epoch,
+    "steps_per_epoch": args.steps,
+    "steps_seen": steps_seen,
+    "first_step_s": first_step,
+})

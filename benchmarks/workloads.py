@@ -1,0 +1,86 @@
+"""The benchmark workloads: Keras models, equivalent torch.nn models, generated data.
+
+Every measurement of one workload trains the same architecture on the same
+generated arrays (seeded), so A (keras_strategies) and B (the native way) see
+identical inputs.
+"""
+
+import numpy as np
+
+WORKLOADS = ("mlp", "cnn", "bn_convnet")
+
+INPUT_SHAPES = {"mlp": (784,), "cnn": (28, 28, 1), "bn_convnet": (28, 28, 1)}
+
+
+def make_data(workload, num_samples, seed=0):
+    """Generated inputs (float32) and integer labels 0..9, the same on every call."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_samples, *INPUT_SHAPES[workload]), dtype=np.float32)
+    y = rng.integers(0, 10, size=(num_samples,)).astype("int32")
+    return x, y
+
+
+def build_keras(workload):
+    """The Keras model; import keras only after the backend and threads are set."""
+    import keras
+    from keras import layers
+
+    if workload == "mlp":
+        return keras.Sequential([
+            keras.Input((784,)),
+            layers.Dense(256, activation="relu"),
+            layers.Dense(256, activation="relu"),
+            layers.Dense(10),
+        ])
+    if workload == "cnn":
+        return keras.Sequential([
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(16, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(10),
+        ])
+    if workload == "bn_convnet":
+        return keras.Sequential([
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(16, 3, use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(32, 3, use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(10),
+        ])
+    raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
+
+
+def build_torch(workload):
+    """The equivalent plain torch.nn model (NCHW; input is transposed by the caller).
+
+    bn_convnet uses plain BatchNorm2d: per-process statistics, unlike
+    keras_strategies' MultiWorkerMirrored on torch, which computes them over the
+    global batch; the lower bound is therefore slightly cheaper than exact.
+    """
+    from torch import nn
+
+    if workload == "mlp":
+        return nn.Sequential(
+            nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+    if workload == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 5 * 5, 10),
+        )
+    if workload == "bn_convnet":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )
+    raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")

@@ -1,0 +1,42 @@
+"""Smoke test of the benchmark harness (benchmarks/run.py) on the current backend.
+
+A few steps, the MLP, one strategy, 2 replicas, one A B round: the JSON must hold
+an A (keras_strategies) and a B (native) result with positive throughputs. It
+asserts no time: the numbers of a smoke run mean nothing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND = keras.backend.backend()
+# Mirrored is in one process on TF/JAX; on torch the two replicas are two processes.
+STRATEGY = "multi_worker" if BACKEND == "torch" else "mirrored"
+METHODS = "ks,keras_ddp" if BACKEND == "torch" else "ks,native"
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--backends", BACKEND,
+         "--strategies", STRATEGY, "--methods", METHODS, "--workloads", "mlp", "--replicas", "2", "--repeats", "1",
+         "--epochs", "2", "--steps", "3", "--batch", "64", "--timeout", "150",
+         "--out", str(out), "--no-plot"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    results = [r for r in data["results"] if "samples_per_s" in r]
+    roles = {r["role"] for r in results}
+    assert {"A", "B"} <= roles, data["results"]
+    for r in results:
+        assert r["backend"] == BACKEND and r["replicas"] == 2
+        assert r["samples_per_s"]["median"] > 0
+        assert all(rss > 0 for rss in r["peak_rss_mib"])
+    assert any("throughput_ratio" in c for c in data["comparisons"])
+    assert (tmp_path / "results.md").exists()
