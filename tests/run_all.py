@@ -31,7 +31,7 @@ def main(argv):
         start = time.time()
         print(f"===== KERAS_BACKEND={backend} =====", flush=True)
         process = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10",
              os.path.join(root, "tests"), *extra],
             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
