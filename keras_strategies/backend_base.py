@@ -99,6 +99,18 @@ class BackendStrategy(abc.ABC):
         return self.scope()
 
 
+def join_error(strategy_name, backend, cluster, timeout, error):
+    """The `WorkerError` for a process group that could not be formed."""
+    from keras_strategies.errors import WorkerError
+
+    return WorkerError(
+        f"{strategy_name} on the {backend} backend: worker {cluster.rank} could not "
+        f"form a group of {cluster.world_size} workers at {cluster.coordinator} within "
+        f"{timeout:.0f}s ({error}). Check that every worker started, that they agree "
+        "on the address, and that the port is free."
+    )
+
+
 class MultiProcessBackendStrategy(BackendStrategy):
     """A backend strategy whose replicas span processes (one cluster).
 

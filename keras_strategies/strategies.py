@@ -8,10 +8,9 @@ the gradients, place the variables); the module for the active backend in
 import contextlib
 import threading
 
-import keras
-import numpy as np
 
 from keras_strategies import backend as backend_lib
+from keras_strategies.data import is_array_like
 from keras_strategies.errors import StrategyError
 
 _state = threading.local()
@@ -186,7 +185,7 @@ class Strategy:
             val_x = val_x[0] if isinstance(val_x, (tuple, list)) else val_x
             checks.append(("validation_batch_size", val_x))
         for name, x in checks:
-            if not _is_array_input(x):
+            if not is_array_like(x):
                 continue  # datasets carry their own batch size
             size = args.get(name)
             if size is None and name == "validation_batch_size":
@@ -201,18 +200,6 @@ class Strategy:
                     f"{replicas}. Use a multiple of {replicas}, such as "
                     f"{lower} or {upper}."
                 )
-
-
-def _is_array_input(x):
-    if x is None:
-        return False
-    leaves = keras.tree.flatten(x) if isinstance(x, (dict, list, tuple)) else [x]
-    if not leaves:
-        return False
-    leaf = leaves[0]
-    return isinstance(leaf, np.ndarray) or (
-        hasattr(leaf, "shape") and hasattr(leaf, "dtype") and hasattr(leaf, "__len__")
-    )
 
 
 class Default(Strategy):

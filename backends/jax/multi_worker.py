@@ -21,6 +21,7 @@ from keras.src.distribution import distribution_lib
 
 from keras_strategies import data as data_lib
 from keras_strategies.backend_base import MultiProcessBackendStrategy
+from keras_strategies.backend_base import join_error
 from keras_strategies.backend_base import reset_compiled_functions
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.jax.common import input_mode
@@ -49,12 +50,7 @@ def _initialize(cluster, timeout, name):
             heartbeat_timeout_seconds=max(10, int(timeout)),
         )
     except Exception as error:  # noqa: BLE001 - re-raised with context
-        raise WorkerError(
-            f"{name} on the jax backend: worker {cluster.rank} could not form a group "
-            f"of {cluster.world_size} workers at {cluster.coordinator} within "
-            f"{timeout:.0f}s ({error}). Check that every worker started, that they "
-            "agree on the address, and that the port is free."
-        ) from error
+        raise join_error(name, "jax", cluster, timeout, error) from error
     jax_distribution_lib.initialize_rng()  # the same Keras seed on every process
 
 

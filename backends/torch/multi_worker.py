@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from keras_strategies import data as data_lib
 from keras_strategies.backend_base import MultiProcessBackendStrategy
+from keras_strategies.backend_base import join_error
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.torch.common import torch_device
 from keras_strategies.errors import WorkerError
@@ -115,13 +116,7 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
                 timeout=datetime.timedelta(seconds=self.timeout),
             )
         except Exception as error:  # noqa: BLE001 - re-raised with context
-            raise WorkerError(
-                f"{self.name} on the torch backend: worker {self.cluster.rank} could "
-                f"not form a group of {self.cluster.world_size} workers at "
-                f"{self.cluster.coordinator} within {self.timeout:.0f}s ({error}). "
-                "Check that every worker started, that they agree on the address, "
-                "and that the port is free."
-            ) from error
+            raise join_error(self.name, "torch", self.cluster, self.timeout, error) from error
 
     # -- the training step ---------------------------------------------------
     def _sync_weights(self, model):
