@@ -99,6 +99,22 @@ class BackendStrategy(abc.ABC):
         return self.scope()
 
 
+def own_coordinator(cluster, environ=None):
+    """The `host:port` an engine other than torch binds for its coordinator.
+
+    Under torchrun the agent's store already listens on MASTER_PORT (torch's
+    own process group reuses it); JAX's coordinator and TensorFlow's
+    rendezvous then take the next port, the same on every worker.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    if cluster.coordinator and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        host, port = cluster.coordinator.rsplit(":", 1)
+        return f"{host}:{int(port) + 1}"
+    return cluster.coordinator
+
+
 def join_error(strategy_name, backend, cluster, timeout, error):
     """The `WorkerError` for a process group that could not be formed."""
     from keras_strategies.errors import WorkerError

@@ -22,6 +22,7 @@ from keras.src.distribution import distribution_lib
 from keras_strategies import data as data_lib
 from keras_strategies.backend_base import MultiProcessBackendStrategy
 from keras_strategies.backend_base import join_error
+from keras_strategies.backend_base import own_coordinator
 from keras_strategies.backend_base import reset_compiled_functions
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.jax.common import input_mode
@@ -43,7 +44,7 @@ def _initialize(cluster, timeout, name):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
-            coordinator_address=cluster.coordinator,
+            coordinator_address=own_coordinator(cluster),
             num_processes=cluster.world_size,
             process_id=cluster.rank,
             initialization_timeout=int(timeout),

@@ -16,6 +16,7 @@ from keras.src.backend.tensorflow import trainer as tf_trainer
 
 from keras_strategies import data as data_lib
 from keras_strategies.backend_base import MultiProcessBackendStrategy
+from keras_strategies.backend_base import own_coordinator
 from keras_strategies.backends.tensorflow.common import global_batch_training
 from keras_strategies.backends.tensorflow.common import mean_aggregating_creator
 from keras_strategies.backends.tensorflow.common import recreate_variables
@@ -39,7 +40,9 @@ def _resolver(cluster, timeout):
     if cluster.world_size == 1:
         return None
     port = free_port()
-    addresses = exchange_addresses(cluster.coordinator, cluster.rank, cluster.world_size, port, timeout)
+    addresses = exchange_addresses(
+        own_coordinator(cluster), cluster.rank, cluster.world_size, port, timeout
+    )
     spec = tf.train.ClusterSpec({"worker": addresses})
     return tf.distribute.cluster_resolver.SimpleClusterResolver(
         spec, task_type="worker", task_id=cluster.rank, rpc_layer="grpc"
