@@ -149,6 +149,9 @@ class _ReadOnlyBackup(keras.callbacks.BackupAndRestore):
             value = getattr(self, name, None)
             if isinstance(value, str) and value.startswith(self.backup_dir):
                 setattr(self, name, value.replace(self.backup_dir, self._scratch_dir, 1))
+        # Keras creates `backup_dir` before each save: a non-chief creating
+        # the user's directory raced the chief's own makedirs (FileExistsError).
+        self.backup_dir = self._scratch_dir
         os.makedirs(self._scratch_dir, exist_ok=True)
 
     def on_train_end(self, logs=None):

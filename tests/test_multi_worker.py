@@ -94,6 +94,25 @@ def check_results(out, epochs=2):
     assert "Epoch 1/" in output(out, 0) and "Epoch 1/" not in output(out, 1)
 
 
+def test_a_non_chief_backup_never_touches_the_users_directory(tmp_path):
+    """In one process: a non-chief's BackupAndRestore restores from the user's
+    directory but saves only into its scratch directory (creating the user's
+    directory raced the chief's own makedirs: FileExistsError on the chief)."""
+    import keras
+
+    from keras_strategies.multi_worker import non_chief_callbacks
+
+    user = os.path.join(tmp_path, "user", "backup")
+    scratch = os.path.join(tmp_path, "scratch")
+    os.makedirs(scratch)
+    callbacks = non_chief_callbacks([keras.callbacks.BackupAndRestore(user)], scratch)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(np.ones((8, 3)), np.ones((8, 1)), epochs=2, verbose=0, callbacks=callbacks)
+    assert not os.path.exists(os.path.join(tmp_path, "user"))
+    assert "latest.weights.h5" in os.listdir(os.path.join(scratch, "backup"))
+
+
 def test_launcher(tmp_path):
     env = base_env()
     with open(os.path.join(tmp_path, "output0.log"), "w") as log:
