@@ -60,6 +60,30 @@ def create_mirrored(strategy, devices):
     return TorchMultiWorker(strategy, devices, cluster, default_timeout())
 
 
+class _CountWeightedSum(torch.autograd.Function):
+    """A sum over every worker whose backward weights each worker's incoming
+    gradient by its example count (then divides by this worker's).
+
+    Each worker's gradients are later weighted by its count in the gradient
+    all-reduce; gradients that crossed workers here (global BatchNormalization
+    moments) must carry the count of the worker whose loss they came from, so
+    that an unevenly split batch still trains exactly as on one device.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, count):
+        ctx.count = count
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        weighted = grad * ctx.count
+        dist.all_reduce(weighted)
+        return weighted / (ctx.count or 1.0), None
+
+
 def _batch_size(data):
     x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
     return next(i for i in tree.flatten(x) if i is not None).shape[0]
@@ -72,11 +96,12 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
         super().__init__(strategy, devices, cluster, timeout)
         self.native = torch_device(self.devices[self.cluster.local_rank % len(self.devices)])
         self._ddp = {}  # id(model) -> DDP wrapper (kept out of Keras tracking)
-        self._share = None
+        self._local_count = 0  # this worker's examples in the current step
+        self._in_custom_step = False
+        self._metric_variables = None  # metric state the last bucket carries
+        self._metric_cache = None  # (versions, reduced state) from that bucket
         self._needs_sync = False
         self._init_process_group()
-
-
 
     @property
     def num_replicas_in_sync(self):
@@ -138,20 +163,54 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
             wrapper = DistributedDataParallel(
                 model, device_ids=[self.native.index] if self.native.type == "cuda" else None
             )
+            wrapper.register_comm_hook(None, self._comm_hook)
             self._ddp[id(model)] = wrapper
         return wrapper
 
-    def _batch_share(self, local):
-        """This worker's examples x workers / global examples, for this step."""
-        counts = torch.tensor([float(local)])
-        dist.all_reduce(counts)
-        return float(local) * self.cluster.world_size / float(counts[0])
+    # One collective per step. DDP's gradient all-reduce also carries this
+    # worker's example count (each gradient is weighted by its share of the
+    # global batch, exact for an uneven last batch) and, in its last bucket,
+    # the metric state (totals and counts), so every worker's logs are global
+    # without collectives of their own. Profiled on 2 CPU processes: the two
+    # extra collectives were ~19% of a step, and each one is a sync point.
+    def _comm_hook(self, state, bucket):
+        buffer = bucket.buffer()
+        count = float(self._local_count)
+        parts = [buffer * count, buffer.new_tensor([count])]
+        metrics = self._metric_variables if bucket.is_last() else None
+        if metrics:
+            parts.append(self._flat_metric_state(metrics, buffer.dtype))
+            versions = self._metric_versions(metrics)
+        size = buffer.numel()
+        future = dist.all_reduce(torch.cat(parts), async_op=True).get_future()
+
+        def unpack(done):
+            total = done.value()[0]
+            if metrics:
+                self._metric_cache = (versions, total[size + 1:])
+            return total[:size] / total[size]
+
+        return future.then(unpack)
+
+    @staticmethod
+    def _flat_metric_state(variables, dtype):
+        return torch.cat([v.value.detach().reshape(-1).to(dtype) for v in variables])
+
+    @staticmethod
+    def _metric_versions(variables):
+        # in-place updates bump a tensor's version: the same on every worker,
+        # since every worker runs the same updates (NaN-safe, unlike values)
+        return tuple(v.value._version for v in variables)
 
     def _ddp_train_step(self, model):
         """Keras's TorchTrainer.train_step, with the forward pass through DDP."""
+        from keras.src.trainers.trainer import Trainer
+
+        default_metrics = type(model).compute_metrics is Trainer.compute_metrics
 
         def train_step(data):
             self._sync_once(model)
+            self._local_count = _batch_size(data)
             x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
             ddp = self._ddp_for(model)
             if model._call_has_training_arg:
@@ -162,16 +221,25 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
             loss = model._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
-            local = _batch_size(data)
-            model._loss_tracker.update_state(loss, sample_weight=local)
+            model._loss_tracker.update_state(loss, sample_weight=self._local_count)
+            fused = default_metrics and bool(model.trainable_weights)
+            if fused:  # before backward, so the last bucket carries the new state
+                if model._compile_metrics is not None:
+                    model._compile_metrics.update_state(y, y_pred, sample_weight)
+                self._metric_variables = self._reduced_metric_variables(model)
             if model.optimizer is not None:
                 loss = model.optimizer.scale_loss(loss)
-            if model.trainable_weights:
-                (loss * self._batch_share(local)).backward()
-                weights = model.trainable_weights[:]
-                gradients = [v.value.grad for v in weights]
-                with torch.no_grad():
-                    model.optimizer.apply(gradients, weights)
+            try:
+                if model.trainable_weights:
+                    loss.backward()  # DDP weights and all-reduces (the comm hook)
+                    weights = model.trainable_weights[:]
+                    gradients = [v.value.grad for v in weights]
+                    with torch.no_grad():
+                        model.optimizer.apply(gradients, weights)
+            finally:
+                self._metric_variables = None
+            if fused:
+                return model.get_metrics_result()
             return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
         return train_step
@@ -181,36 +249,52 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
 
         def step(data):
             self._sync_once(model)
-            self._share = self._batch_share(_batch_size(data))
+            self._local_count = _batch_size(data)
+            self._in_custom_step = True
             try:
                 return train_step(data)
             finally:
-                self._share = None
+                self._in_custom_step = False
 
         return step
 
     def _all_reducing_apply(self, apply):
         def all_reduced(grads, trainable_variables=None):
-            if self._share is not None:
-                scale = self._share / self.cluster.world_size
-                for grad in grads:
-                    if grad is not None:
-                        grad.mul_(scale)
-                        dist.all_reduce(grad)
+            present = [g for g in grads if g is not None]
+            if self._in_custom_step and present:
+                # one packed all-reduce: sum(count_i * grad_i) / sum(count_i)
+                count = float(self._local_count)
+                packed = torch.cat([g.reshape(-1) * count for g in present]
+                                   + [present[0].new_tensor([count])])
+                dist.all_reduce(packed)
+                packed = packed[:-1] / packed[-1]
+                offset = 0
+                for grad in present:
+                    grad.copy_(packed[offset:offset + grad.numel()].reshape(grad.shape))
+                    offset += grad.numel()
             return apply(grads, trainable_variables)
 
         return all_reduced
+
+    @staticmethod
+    def _reduced_metric_variables(model):
+        return [v for v in model.metrics_variables if v.aggregation in ("sum", "mean")]
 
     def _global_metrics(self, model, get_metrics_result):
         """Metric results computed from the state summed over every worker."""
 
         def result():
-            variables = [v for v in model.metrics_variables if v.aggregation in ("sum", "mean")]
+            variables = self._reduced_metric_variables(model)
             if not variables:
                 return get_metrics_result()
+            cache, self._metric_cache = self._metric_cache, None
             local = [v.value.detach().clone() for v in variables]
-            flat = torch.cat([t.reshape(-1).to(torch.float64) for t in local])
-            dist.all_reduce(flat)
+            if cache is not None and cache[0] == self._metric_versions(variables):
+                flat = cache[1]  # reduced in this step's gradient all-reduce
+                self._metric_cache = cache
+            else:
+                flat = self._flat_metric_state(variables, torch.float64)
+                dist.all_reduce(flat)
             offset = 0
             for variable, value in zip(variables, local):
                 total = flat[offset:offset + value.numel()].reshape(value.shape)
@@ -230,8 +314,6 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
         """BatchNormalization statistics over the global batch (all workers),
         differentiable, so every worker's moving statistics stay identical and
         training equals one device (as on the other backends)."""
-        from torch.distributed.nn import functional as dist_nn
-
         original = layer._moments
 
         def moments(inputs, mask):
@@ -243,7 +325,9 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
                 count = count * inputs.shape[axis]
             sums = torch.sum(inputs, dim=axes)
             squares = torch.sum(inputs * inputs, dim=axes)
-            total = dist_nn.all_reduce(torch.cat([sums, squares, count.reshape(1)]))
+            total = _CountWeightedSum.apply(
+                torch.cat([sums, squares, count.reshape(1)]), float(self._local_count)
+            )
             channels = sums.shape[0]
             mean = total[:channels] / total[-1]
             variance = torch.clamp(total[channels:2 * channels] / total[-1] - mean * mean, min=0.0)
