@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from workloads import build_keras, build_torch, make_data  # noqa: E402
+from workloads import build_keras, build_torch, make_data, set_seed  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "keras_ddp", "torch_ddp"])
@@ -144,7 +144,7 @@ def compile_model(model):
 
 
 def run_keras_fit():
-    keras.utils.set_random_seed(0)
+    set_seed(0)
     timer = Timer()
     fit_kwargs = dict(batch_size=args.batch, epochs=args.epochs, shuffle=False, verbose=0,
                       callbacks=[timer])
@@ -185,7 +185,7 @@ def run_torch_loop():
 
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=300))
     torch.manual_seed(0)
-    keras.utils.set_random_seed(0)
+    set_seed(0)
     xs = x
     if args.method == "torch_ddp":
         model = build_torch(args.workload)

@@ -20,6 +20,28 @@ def make_data(workload, num_samples, seed=0):
     return x, y
 
 
+def set_seed(seed):
+    """`keras.utils.set_random_seed` minus its TensorFlow import on the JAX and
+    torch backends (seconds of start-up per measured process)."""
+    import random
+
+    import keras
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+
+    if keras.backend.backend() == "tensorflow":
+        return keras.utils.set_random_seed(seed)
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+
+
 def build_keras(workload):
     """The Keras model; import keras only after the backend and threads are set."""
     import keras

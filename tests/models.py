@@ -1,5 +1,7 @@
 """Small models and data shared by the tests."""
 
+import random
+
 import keras
 import numpy as np
 
@@ -83,8 +85,27 @@ def build(kind, weights=None, batch_norm=False):
     return model
 
 
+def set_seed(seed):
+    """`keras.utils.set_random_seed` without importing TensorFlow, which that
+    does whenever it is installed (seconds per test process on JAX and torch)."""
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+
+
 def initial_weights(kind, batch_norm=False):
-    keras.utils.set_random_seed(1234)
+    set_seed(1234)
     model = MODELS[kind](batch_norm=batch_norm)
     model.build((None, FEATURES))
     return model.get_weights()

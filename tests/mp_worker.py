@@ -1,7 +1,7 @@
 """Run by every worker process of the multi-process tests.
 
     python tests/mp_worker.py OUT_DIR [--pattern fit_argument|scope] [--epochs N]
-        [--die-at-step K] [--hang-at-step K]
+        [--die-at-step K] [--hang-at-step K] [--input KIND] [--kind MODEL] [--batch-norm]
 
 The cluster comes from the environment (launcher, TF_CONFIG, ...). Each worker
 trains the same model under MultiWorkerMirrored, also trains a single-device
@@ -27,7 +27,8 @@ parser.add_argument("--die-at-step", type=int, default=None)
 parser.add_argument("--hang-at-step", type=int, default=None)
 parser.add_argument("--input", default="numpy", help="numpy, tf_data, py_dataset or torch_dataloader")
 parser.add_argument("--batch-norm", action="store_true")
-parser.add_argument("--coverage", action="store_true", help="one shuffled epoch of one-hot examples")
+parser.add_argument("--kind", default="functional", help="a model kind of tests/models.py")
+parser.add_argument("--coverage", action="store_true", help="first, one shuffled epoch of one-hot examples")
 args = parser.parse_args()
 
 strategy = ks.MultiWorkerMirrored()
@@ -63,10 +64,9 @@ if args.coverage:
     coverage.fit(np.eye(n, dtype="float32"), np.ones((n, 1), "float32"), batch_size=16, epochs=1,
                  shuffle=True, verbose=0, distribution=strategy)
     np.save(os.path.join(args.out, f"coverage{rank}.npy"), coverage.get_weights()[0][:, 0])
-    sys.exit(0)
 
 x, y = make_data()
-weights = initial_weights("functional", args.batch_norm)
+weights = initial_weights(args.kind, args.batch_norm)
 if args.die_at_step or args.hang_at_step:
     x, y = make_data(n=4096)
     args.epochs = 50
@@ -93,17 +93,17 @@ def data():
 inputs, batching = data()
 if args.pattern == "scope":
     with strategy.scope():
-        model = build("functional", weights, args.batch_norm)
+        model = build(args.kind, weights, args.batch_norm)
     history = model.fit(*inputs, **batching, **fit)
 else:
     # a different start on every worker: worker 0's weights must win
-    model = build("functional", [w + rank for w in weights], args.batch_norm)
+    model = build(args.kind, [w + rank for w in weights], args.batch_norm)
     history = model.fit(*inputs, **batching, distribution=strategy, **fit)
 inputs, batching = data()
 evaluation = model.evaluate(*inputs, **batching, verbose=0, distribution=strategy)
 predictions = model.predict(x, batch_size=16, verbose=0, distribution=strategy)
 
-reference = build("functional", weights, args.batch_norm)
+reference = build(args.kind, weights, args.batch_norm)
 ref_history = reference.fit(
     x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0,
     callbacks=[keras.callbacks.EarlyStopping(monitor="loss", min_delta=10.0, patience=1)],

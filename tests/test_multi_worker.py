@@ -113,7 +113,12 @@ def test_a_non_chief_backup_never_touches_the_users_directory(tmp_path):
     assert "latest.weights.h5" in os.listdir(os.path.join(scratch, "backup"))
 
 
-def test_launcher(tmp_path):
+# Each run below checks one way of starting the job and, so that the suite
+# stays short, one more thing: an input type, BatchNormalization (statistics
+# over the global batch, identical on every worker), a custom train_step.
+
+
+def test_launcher_with_batch_norm(tmp_path):
     env = base_env()
     with open(os.path.join(tmp_path, "output0.log"), "w") as log:
         pass
@@ -122,7 +127,8 @@ def test_launcher(tmp_path):
         process = subprocess.Popen(
             [sys.executable, "-c",
              "import sys; from keras_strategies.launch import launch; "
-             f"sys.exit(launch([sys.executable, {WORKER!r}, {str(tmp_path)!r}], nproc_per_node=2, timeout={RUN_TIMEOUT}))"],
+             f"sys.exit(launch([sys.executable, {WORKER!r}, {str(tmp_path)!r}, '--batch-norm'], "
+             f"nproc_per_node=2, timeout={RUN_TIMEOUT}))"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
@@ -140,7 +146,7 @@ def test_launcher(tmp_path):
     check_results(tmp_path)
 
 
-def test_torchrun(tmp_path):
+def test_torchrun_with_tf_data(tmp_path):
     """The same script, unchanged, under torchrun (any backend)."""
     log_path = os.path.join(tmp_path, "torchrun.log")
     env = base_env(MASTER_PORT=str(free_port()))
@@ -149,7 +155,7 @@ def test_torchrun(tmp_path):
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
              "--master-addr", "127.0.0.1", "--master-port", env["MASTER_PORT"],
              "--tee", "3", "--log-dir", os.path.join(tmp_path, "torchrun-logs"),
-             WORKER, str(tmp_path)],
+             WORKER, str(tmp_path), "--input", "tf_data"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
@@ -168,55 +174,37 @@ def test_torchrun(tmp_path):
     check_results(tmp_path)
 
 
-def test_tf_config(tmp_path):
+def test_tf_config_with_py_dataset_and_a_shuffled_epoch(tmp_path):
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     envs = [base_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": r}}))
             for r in range(2)]
-    codes = run_ranks(envs, tmp_path)
+    codes = run_ranks(envs, tmp_path, "--input", "py_dataset", "--coverage")
     assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
     check_results(tmp_path)
+    # a shuffled epoch sees each example exactly once, on every worker
+    seen = [np.load(os.path.join(tmp_path, f"coverage{r}.npy")) for r in range(2)]
+    np.testing.assert_array_equal(seen[0], seen[1])
+    np.testing.assert_allclose(seen[0], 2 * 0.5 / 16, rtol=1e-6)
 
 
-def test_keras_distribution_variables_and_scope(tmp_path):
+def test_keras_distribution_variables_scope_and_dataloader(tmp_path):
     addresses = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
     envs = [base_env(KERAS_DISTRIBUTION_JOB_ADDRESSES=addresses, KERAS_DISTRIBUTION_NUM_PROCESSES="2",
                      KERAS_DISTRIBUTION_PROCESS_ID=str(r)) for r in range(2)]
-    codes = run_ranks(envs, tmp_path, "--pattern", "scope")
+    codes = run_ranks(envs, tmp_path, "--pattern", "scope", "--input", "torch_dataloader")
     assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
     check_results(tmp_path)
 
 
-def test_slurm_variables(tmp_path):
+def test_slurm_variables_with_a_custom_train_step_and_batch_norm(tmp_path):
     port = str(free_port())
     envs = [base_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_NODEID="0",
                      SLURM_NODELIST="localhost", SLURM_JOB_ID="42", MASTER_PORT=port)
             for r in range(2)]
-    codes = run_ranks(envs, tmp_path)
+    codes = run_ranks(envs, tmp_path, "--kind", "custom_train_step", "--batch-norm")
     assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
     check_results(tmp_path)
-
-
-@pytest.mark.parametrize("kind", ["tf_data", "py_dataset", "torch_dataloader"])
-def test_dataset_inputs(tmp_path, kind):
-    """Each worker gets its part of every global batch of a dataset input."""
-    codes = run_ranks(torchrun_envs(60), tmp_path, "--input", kind)
-    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
-    check_results(tmp_path)
-
-
-def test_batch_norm_statistics_over_the_global_batch(tmp_path):
-    codes = run_ranks(torchrun_envs(60), tmp_path, "--batch-norm")
-    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
-    check_results(tmp_path)  # moving statistics included: identical, and equal to one device
-
-
-def test_a_shuffled_epoch_sees_each_example_exactly_once(tmp_path):
-    codes = run_ranks(torchrun_envs(60), tmp_path, "--coverage")
-    assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
-    seen = [np.load(os.path.join(tmp_path, f"coverage{r}.npy")) for r in range(2)]
-    np.testing.assert_array_equal(seen[0], seen[1])
-    np.testing.assert_allclose(seen[0], 2 * 0.5 / 16, rtol=1e-6)  # each example once
 
 
 def torchrun_envs(timeout):
@@ -228,7 +216,7 @@ def torchrun_envs(timeout):
 
 @pytest.mark.parametrize("fault", ["--die-at-step", "--hang-at-step"])
 def test_a_dead_or_hung_peer_ends_the_job_with_a_clear_error(tmp_path, fault):
-    timeout = 30
+    timeout = 20
     start = time.monotonic()
     processes, log = [], open(os.path.join(tmp_path, "output0.log"), "w")
     try:
