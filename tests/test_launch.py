@@ -1,9 +1,8 @@
 """The launcher: real rank processes on 127.0.0.1, running a tiny plain-Python script.
 
 The scripts import nothing heavy. The launcher itself runs in-process where
-possible; the SIGINT and console-script tests start it as a subprocess, with
-KERAS_BACKEND=numpy because the launcher needs no backend and importing
-`keras_strategies` is the slow part of its start.
+possible; the SIGINT and console-script tests start it as a subprocess (with
+KERAS_BACKEND=numpy: the launcher needs no backend, and imports none).
 """
 
 import os
@@ -238,6 +237,20 @@ def test_console_script(script, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     check_prefixed_output(result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("how", ["module", "console_script"])
+def test_the_launcher_imports_no_engine(how):
+    """Its own process starts in a fraction of a second: no keras, no engine."""
+    exe = shutil.which("keras-strategies", path=str(Path(sys.executable).parent))
+    command = ([sys.executable, "-X", "importtime", "-m", "keras_strategies.launch", "--help"]
+               if how == "module" else [sys.executable, "-X", "importtime", exe, "launch", "--help"])
+    result = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "keras_strategies.launch" in imported or how == "module"
+    assert not imported & {"keras", "tensorflow", "jax", "torch"}, sorted(imported)
 
 
 def test_nnodes_without_master_is_an_error(capsys):
