@@ -271,7 +271,7 @@ def main(argv=None):
     workloads = (args.workloads or ("mlp" if args.quick else ",".join(WORKLOADS))).split(",")
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.epochs = args.epochs or (4 if args.quick else 6)
-    args.steps = args.steps or (20 if args.quick else 50)
+    args.steps = args.steps or (50 if args.quick else 100)
     replica_counts = [int(n) for n in args.replicas.split(",")]
 
     plan = []

@@ -25,6 +25,7 @@ from keras_strategies.backend_base import MultiProcessBackendStrategy
 from keras_strategies.backend_base import join_error
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.torch.common import torch_device
+from keras_strategies.backends.torch.fused_adam import fused_adam
 from keras_strategies.errors import WorkerError
 from keras_strategies.multi_worker import shuffle_seed
 
@@ -62,12 +63,14 @@ def create_mirrored(strategy, devices):
 
 class _CountWeightedSum(torch.autograd.Function):
     """A sum over every worker whose backward weights each worker's incoming
-    gradient by its example count (then divides by this worker's).
+    gradient by `count` (then divides by this worker's).
 
-    Each worker's gradients are later weighted by its count in the gradient
-    all-reduce; gradients that crossed workers here (global BatchNormalization
-    moments) must carry the count of the worker whose loss they came from, so
-    that an unevenly split batch still trains exactly as on one device.
+    Where each worker's gradients are weighted by its example count only after
+    backward (a custom train_step: in the packed all-reduce), gradients that
+    crossed workers here (global BatchNormalization moments) must carry the
+    count of the worker whose loss they came from, so that an unevenly split
+    batch still trains exactly as on one device. Where the loss itself was
+    weighted before backward, `count` is 1: a plain sum.
     """
 
     @staticmethod
@@ -97,6 +100,7 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
         self.native = torch_device(self.devices[self.cluster.local_rank % len(self.devices)])
         self._ddp = {}  # id(model) -> DDP wrapper (kept out of Keras tracking)
         self._local_count = 0  # this worker's examples in the current step
+        self._moments_weight = 1.0  # see _CountWeightedSum
         self._in_custom_step = False
         self._metric_variables = None  # metric state the last bucket carries
         self._metric_cache = None  # (versions, reduced state) from that bucket
@@ -161,28 +165,31 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
         if wrapper is None:
             # Keras keeps every variable as a Parameter (no buffers to sync).
             wrapper = DistributedDataParallel(
-                model, device_ids=[self.native.index] if self.native.type == "cuda" else None
+                model,
+                device_ids=[self.native.index] if self.native.type == "cuda" else None,
+                gradient_as_bucket_view=True,  # no copy between gradients and buckets
             )
+            self._group = dist.distributed_c10d._get_default_group()
             wrapper.register_comm_hook(None, self._comm_hook)
             self._ddp[id(model)] = wrapper
         return wrapper
 
     # One collective per step. DDP's gradient all-reduce also carries this
-    # worker's example count (each gradient is weighted by its share of the
-    # global batch, exact for an uneven last batch) and, in its last bucket,
-    # the metric state (totals and counts), so every worker's logs are global
-    # without collectives of their own. Profiled on 2 CPU processes: the two
-    # extra collectives were ~19% of a step, and each one is a sync point.
+    # worker's example count (the loss was multiplied by it, so the sum over
+    # workers divided by the summed counts is the global batch's gradient,
+    # exact for an uneven last batch) and, in its last bucket, the metric
+    # state (totals and counts), so every worker's logs are global without
+    # collectives of their own. Profiled on 2 CPU processes: the two extra
+    # collectives were ~19% of a step, and each one is a sync point.
     def _comm_hook(self, state, bucket):
         buffer = bucket.buffer()
-        count = float(self._local_count)
-        parts = [buffer * count, buffer.new_tensor([count])]
+        parts = [buffer, buffer.new_tensor([float(self._local_count)])]
         metrics = self._metric_variables if bucket.is_last() else None
         if metrics:
             parts.append(self._flat_metric_state(metrics, buffer.dtype))
             versions = self._metric_versions(metrics)
         size = buffer.numel()
-        future = dist.all_reduce(torch.cat(parts), async_op=True).get_future()
+        future = self._group.allreduce([torch.cat(parts)]).get_future()
 
         def unpack(done):
             total = done.value()[0]
@@ -229,6 +236,8 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
                 self._metric_variables = self._reduced_metric_variables(model)
             if model.optimizer is not None:
                 loss = model.optimizer.scale_loss(loss)
+            loss = loss * float(self._local_count)  # see _comm_hook
+            self._moments_weight = 1.0
             try:
                 if model.trainable_weights:
                     loss.backward()  # DDP weights and all-reduces (the comm hook)
@@ -250,6 +259,7 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
         def step(data):
             self._sync_once(model)
             self._local_count = _batch_size(data)
+            self._moments_weight = float(self._local_count)
             self._in_custom_step = True
             try:
                 return train_step(data)
@@ -326,7 +336,7 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
             sums = torch.sum(inputs, dim=axes)
             squares = torch.sum(inputs * inputs, dim=axes)
             total = _CountWeightedSum.apply(
-                torch.cat([sums, squares, count.reshape(1)]), float(self._local_count)
+                torch.cat([sums, squares, count.reshape(1)]), self._moments_weight
             )
             channels = sums.shape[0]
             mean = total[:channels] / total[-1]
@@ -344,9 +354,15 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
 
     @contextlib.contextmanager
     def run_context(self, model):
-        if not self.distributed:
-            yield
-            return
+        with fused_adam(getattr(model, "optimizer", None)):
+            if not self.distributed:
+                yield
+            else:
+                with self._distributed_run(model):
+                    yield
+
+    @contextlib.contextmanager
+    def _distributed_run(self, model):
         overrides = {"get_metrics_result": self._global_metrics(model, model.get_metrics_result)}
         if type(model).train_step is TorchTrainer.train_step:
             overrides["train_step"] = self._ddp_train_step(model)
