@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-STRATEGY = {"mirrored": "Mirrored", "multi_worker": "MultiWorkerMirrored"}
+STRATEGY = {"default": "Default", "mirrored": "Mirrored", "multi_worker": "MultiWorkerMirrored",
+            "central_storage": "CentralStorage"}
 
 
 def _fmt(value, spec):

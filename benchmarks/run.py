@@ -35,7 +35,13 @@ from workloads import WORKLOADS  # noqa: E402
 
 # (backend, strategy) -> (in one process?, methods: A first, then B and lower bounds)
 CASES = {
+    ("tensorflow", "default"): (True, ["ks", "native"]),
+    ("jax", "default"): (True, ["ks", "native"]),
+    ("torch", "default"): (True, ["ks", "native"]),
     ("tensorflow", "mirrored"): (True, ["ks", "native"]),
+    ("tensorflow", "central_storage"): (True, ["ks", "native"]),
+    ("jax", "central_storage"): (True, ["ks"]),
+    ("torch", "central_storage"): (True, ["ks"]),
     ("tensorflow", "multi_worker"): (False, ["ks"]),
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
@@ -47,10 +53,18 @@ NOT_RUN = {
         "native does not run: MultiWorkerMirroredStrategy + Keras 3 fit crashes (keras#20585)",
     ("torch", "mirrored", "ks"):
         "not measured: PyTorch has one CPU device; Mirrored over CPU replicas is MultiWorkerMirrored here",
+    ("jax", "central_storage", "native"):
+        "no native equivalent: keras.distribution has no central-storage layout",
+    ("torch", "central_storage", "native"):
+        "no native equivalent: torch.distributed has no central-storage strategy for Keras",
 }
 
 LABELS = {
     "ks": "keras_strategies fit(distribution=)",
+    ("tensorflow", "native", "central_storage"): "tf.distribute CentralStorageStrategy scope + Keras fit",
+    ("tensorflow", "native", "default"): "plain Keras fit",
+    ("jax", "native", "default"): "plain Keras fit",
+    ("torch", "native", "default"): "plain Keras fit",
     ("tensorflow", "native"): "tf.distribute scope + Keras fit",
     ("jax", "native", "mirrored"): "keras.distribution.DataParallel",
     ("jax", "native", "multi_worker"): "keras.distribution.initialize + DataParallel (tf.data)",
@@ -58,7 +72,8 @@ LABELS = {
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
 }
 
-STRATEGY_NAMES = {"mirrored": "Mirrored", "multi_worker": "MultiWorkerMirrored"}
+STRATEGY_NAMES = {"default": "Default", "mirrored": "Mirrored", "multi_worker": "MultiWorkerMirrored",
+                  "central_storage": "CentralStorage"}
 
 CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                      "MASTER_ADDR", "MASTER_PORT", "TF_CONFIG", "KERAS_STRATEGIES_LAUNCHED",
@@ -67,7 +82,8 @@ CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GR
 
 
 def label(backend, strategy, method):
-    return LABELS.get((backend, method, strategy)) or LABELS.get((backend, method)) or LABELS[method]
+    return (LABELS.get((backend, method, strategy)) or LABELS.get((backend, method))
+            or LABELS.get(method, "native"))
 
 
 def role(method):
@@ -252,9 +268,10 @@ def versions():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="MLP only, short runs, one A B round at 1 replica (< 10 min on 2 idle cores)")
+                        help="MLP only, short runs; 1 replica only for Default and Mirrored, one A B round "
+                             "there and for CentralStorage (< 10 min on 2 idle cores)")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument("--strategies", default="mirrored,multi_worker")
+    parser.add_argument("--strategies", default="default,mirrored,multi_worker,central_storage")
     parser.add_argument("--workloads", default=None, help=f"comma list of {','.join(WORKLOADS)}")
     parser.add_argument("--methods", default=None,
                         help="comma list limiting the methods (ks, native, keras_ddp, torch_ddp)")
@@ -281,6 +298,10 @@ def main(argv=None):
                 continue
             for workload in workloads:
                 for replicas in replica_counts:
+                    if strategy == "default" and replicas != 1:
+                        continue  # Default is one device by definition
+                    if args.quick and strategy in ("central_storage", "multi_worker") and replicas != 2:
+                        continue  # --quick: scaling for Mirrored only (one process)
                     plan.append((backend, strategy, workload, replicas))
 
     started = time.perf_counter()
@@ -300,8 +321,12 @@ def main(argv=None):
         for backend, strategy, workload, replicas in plan:
             methods = [m for m in CASES[(backend, strategy)][1]
                        if not args.methods or m in args.methods.split(",")]
-            # --quick: one A B round at 1 replica (for scaling), A B A B at 2 replicas
-            for repeat in range(1 if args.quick and replicas == 1 else args.repeats):
+            # --quick: one A B round at 1 replica (for scaling) and for CentralStorage,
+            # A B A B at 2 replicas
+            rounds = args.repeats
+            if args.quick and (replicas == 1 or strategy == "central_storage"):
+                rounds = 1
+            for repeat in range(rounds):
                 for method in methods:  # A B A B ...
                     record = measure(backend, strategy, method, workload, replicas, args, tmp)
                     record["repeat"] = repeat

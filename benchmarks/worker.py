@@ -5,7 +5,8 @@
 
 Methods:
     ks         keras_strategies through model.fit(..., distribution=...)
-    native     TF: tf.distribute strategy scope + Keras fit;
+    native     default: plain Keras fit, no distribution;
+               TF: tf.distribute strategy scope + Keras fit;
                JAX: keras.distribution.DataParallel (one process), or
                keras.distribution.initialize + DataParallel on tf.data (several)
     keras_ddp  torch: hand-written DDP loop over the Keras model (Keras guide)
@@ -29,7 +30,8 @@ from workloads import build_keras, build_torch, make_data, set_seed  # noqa: E40
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "keras_ddp", "torch_ddp"])
-parser.add_argument("--strategy", required=True, choices=["mirrored", "multi_worker"])
+parser.add_argument("--strategy", required=True,
+                    choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
 parser.add_argument("--workload", default="mlp")
 parser.add_argument("--epochs", type=int, default=4)
@@ -71,8 +73,13 @@ strategy = None
 if args.method == "ks":
     import keras_strategies as ks  # before the backend starts
 
-    if args.strategy == "mirrored":
-        strategy = ks.Mirrored(devices=[f"cpu:{i}" for i in range(args.replicas)])
+    cpus = [f"cpu:{i}" for i in range(args.replicas)]
+    if args.strategy == "default":
+        strategy = ks.Default()
+    elif args.strategy == "mirrored":
+        strategy = ks.Mirrored(devices=cpus)
+    elif args.strategy == "central_storage":
+        strategy = ks.CentralStorage(devices=cpus)
     else:
         strategy = ks.MultiWorkerMirrored()
 
@@ -80,15 +87,22 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 native = None
-if args.method == "native":
+if args.method == "native" and args.strategy == "default":
+    pass  # plain Keras fit, no distribution
+elif args.method == "native":
     if BACKEND == "tensorflow":
-        if args.strategy != "mirrored":
+        if args.strategy == "multi_worker":
             raise SystemExit("native MultiWorkerMirrored with Keras 3 fit does not run (keras#20585)")
         cpus = tf.config.list_physical_devices("CPU")
         tf.config.set_logical_device_configuration(
             cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(args.replicas)]
         )
-        native = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(args.replicas)])
+        devices = [f"/cpu:{i}" for i in range(args.replicas)]
+        if args.strategy == "central_storage":
+            native = tf.distribute.experimental.CentralStorageStrategy(
+                compute_devices=devices, parameter_device="/cpu:0")
+        else:
+            native = tf.distribute.MirroredStrategy(devices)
     elif BACKEND == "jax":
         import jax
 
@@ -153,6 +167,11 @@ def run_keras_fit():
         compile_model(model)
         start = time.perf_counter()
         model.fit(x, y, distribution=strategy, **fit_kwargs)
+    elif native is None:  # plain Keras fit
+        model = build_keras(args.workload)
+        compile_model(model)
+        start = time.perf_counter()
+        model.fit(x, y, **fit_kwargs)
     elif BACKEND == "tensorflow":
         scope = native.scope()  # keep the reference (see multiprocess-notes.md)
         with scope:
