@@ -4,6 +4,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 import keras_strategies as ks
 from models import build, initial_weights, make_data
@@ -44,3 +45,22 @@ def test_validation_data_runs_under_the_strategy(replica_devices):
                         distribution=ks.Mirrored(devices=replica_devices))
     for key in ("val_loss", "val_sparse_categorical_accuracy"):
         np.testing.assert_allclose(history.history[key], ref_history.history[key], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["one_device", "mirrored"])
+def test_an_optimizer_built_by_fit_is_laid_out_with_the_weights(replica_devices, name):
+    """Pattern 1 with an unbuilt optimizer: its slots must not end up on one
+    device beside the distributed weights (Keras warns 'a mix of local ...
+    and distributed variables' on JAX, and the step mixes devices)."""
+    import warnings
+
+    x, y = make_data(n=64)
+    model = build("functional", initial_weights("functional"))
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    assert not model.optimizer.built
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        strategy = ks.OneDevice("cpu:0") if name == "one_device" else ks.Mirrored(replica_devices)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, distribution=strategy)
+    assert not [w for w in caught if "mix of local" in str(w.message)]
+    assert model.optimizer.built

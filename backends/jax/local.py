@@ -62,13 +62,40 @@ class JaxStrategy(BackendStrategy):
     def attach(self, model):
         if self.native is None:
             return
+        self._lay_out(model)
+        reset_compiled_functions(model)
+
+    def _lay_out(self, model):
         for variable in state_variables(model):
             if variable._value is None:
                 continue
             layout = self.native.get_variable_layout(variable)
             variable._layout = layout
             variable._value = jax.device_put(variable._value, layout.backend_layout)
-        reset_compiled_functions(model)
+
+    @contextlib.contextmanager
+    def run_context(self, model):
+        if self.native is None:
+            yield
+            return
+        # Keras creates the optimizer's slots and the metrics' state inside
+        # fit/evaluate (`_symbolic_build`), where they came out on one device
+        # beside the mesh-laid-out weights: Keras warns of "a mix of local ...
+        # and distributed variables" and the step mixes devices. They are
+        # laid out as soon as they exist.
+        build = model._symbolic_build
+
+        def symbolic_build(*args, **kwargs):
+            result = build(*args, **kwargs)
+            self._lay_out(model)
+            return result
+
+        model.__dict__["_symbolic_build"] = symbolic_build
+        try:
+            with self.scope():
+                yield
+        finally:
+            model.__dict__.pop("_symbolic_build", None)
 
     def detach(self, model):
         if self.native is None:

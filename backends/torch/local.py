@@ -10,7 +10,6 @@ import contextlib
 import torch
 from keras.src.backend.torch import core as torch_core
 from keras_strategies.backends.torch.common import move_variables, torch_device
-from keras_strategies.backends.torch.fused_adam import fused_adam
 from keras_strategies.devices import normalize_devices
 
 from keras_strategies.backend_base import BackendStrategy
@@ -67,8 +66,3 @@ class TorchStrategy(BackendStrategy):
 
     def detach(self, model):
         move_variables(model, torch.device(torch_core.get_device()))
-
-    @contextlib.contextmanager
-    def run_context(self, model):
-        with self.scope(), fused_adam(getattr(model, "optimizer", None)):
-            yield
