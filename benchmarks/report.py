@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+SHORT = {"default": "Default", "mirrored": "Mirrored", "multi_worker": "MultiWorker",
+         "central_storage": "CentralSt."}
 STRATEGY = {"default": "Default", "mirrored": "Mirrored", "multi_worker": "MultiWorkerMirrored",
             "central_storage": "CentralStorage"}
 
@@ -74,7 +76,7 @@ def draw(data, path):
 
     ok = [r for r in data["results"] if "samples_per_s" in r]
     workloads = sorted({r["workload"] for r in ok})
-    fig, axes = plt.subplots(len(workloads), 1, figsize=(11, 3.6 * len(workloads)), squeeze=False)
+    fig, axes = plt.subplots(len(workloads), 1, figsize=(13, 4.2 * len(workloads)), squeeze=False)
     colors = {"ks": "tab:blue", "native": "tab:orange", "keras_ddp": "tab:orange", "torch_ddp": "tab:gray"}
     for ax, workload in zip(axes[:, 0], workloads):
         rows = sorted((r for r in ok if r["workload"] == workload),
@@ -93,13 +95,14 @@ def draw(data, path):
                        yerr=[[t["median"] - t["min"]], [t["max"] - t["median"]]],
                        color=colors.get(r["method"], "tab:green"), capsize=2)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{b}\n{STRATEGY[s]}\nx{n}" for b, s, n in groups], fontsize=7)
+        ax.set_xticklabels([f"{b}\n{SHORT[s]}\nx{n}" for b, s, n in groups], fontsize=7)
         ax.set_ylabel("samples/s (median, min-max)")
         ax.set_title(f"{workload}: A = keras_strategies (blue), B = native (orange), "
                      f"plain torch DDP lower bound (gray)", fontsize=9)
     m = data["meta"]
     fig.suptitle(f"keras_strategies vs native, {m['date'][:10]}, {m['machine']['cpu']} "
-                 f"({m['machine']['cores']} cores, shared/loaded machine)", fontsize=9)
+                 f"({m['machine']['cores']} cores); load average before/after "
+                 f"{m['load_average_before'][0]:.2f}/{m['load_average_after'][0]:.2f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
