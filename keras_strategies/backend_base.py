@@ -2,9 +2,10 @@
 
 import abc
 import contextlib
+import os
 
 from keras_strategies.devices import normalize_devices
-from keras_strategies.errors import unsupported
+from keras_strategies.errors import WorkerError, unsupported
 
 
 def state_variables(model):
@@ -106,8 +107,6 @@ def own_coordinator(cluster, environ=None):
     own process group reuses it); JAX's coordinator and TensorFlow's
     rendezvous then take the next port, the same on every worker.
     """
-    import os
-
     environ = os.environ if environ is None else environ
     if cluster.coordinator and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         host, port = cluster.coordinator.rsplit(":", 1)
@@ -117,8 +116,6 @@ def own_coordinator(cluster, environ=None):
 
 def join_error(strategy_name, backend, cluster, timeout, error):
     """The `WorkerError` for a process group that could not be formed."""
-    from keras_strategies.errors import WorkerError
-
     return WorkerError(
         f"{strategy_name} on the {backend} backend: worker {cluster.rank} could not "
         f"form a group of {cluster.world_size} workers at {cluster.coordinator} within "

@@ -8,7 +8,6 @@ the gradients, place the variables); the module for the active backend in
 import contextlib
 import threading
 
-
 from keras_strategies import backend as backend_lib
 from keras_strategies.data import is_array_like
 from keras_strategies.errors import StrategyError

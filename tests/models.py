@@ -1,9 +1,15 @@
 """Small models and data shared by the tests."""
 
-import random
+import os
+import sys
 
 import keras
 import numpy as np
+
+# one seeding helper for tests and benchmarks: keras.utils.set_random_seed
+# without its TensorFlow import on JAX/torch (seconds per process)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from workloads import set_seed  # noqa: E402
 
 FEATURES = 8
 CLASSES = 3
@@ -83,25 +89,6 @@ def build(kind, weights=None, batch_norm=False):
         metrics=["sparse_categorical_accuracy"],
     )
     return model
-
-
-def set_seed(seed):
-    """`keras.utils.set_random_seed` without importing TensorFlow, which that
-    does whenever it is installed (seconds per test process on JAX and torch)."""
-    from keras.src.backend.common import global_state
-    from keras.src.random import seed_generator
-    from keras.src.utils import rng_utils
-
-    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
-    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
-    random.seed(seed)
-    np.random.seed(seed)
-    if keras.backend.backend() == "tensorflow":
-        keras.utils.set_random_seed(seed)
-    elif keras.backend.backend() == "torch":
-        import torch
-
-        torch.manual_seed(seed)
 
 
 def initial_weights(kind, batch_norm=False):

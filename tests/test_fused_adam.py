@@ -10,7 +10,9 @@ import pytest
 
 from conftest import BACKEND
 
-pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="the torch Adam update")
+pytestmark = pytest.mark.skipif(
+    BACKEND != "torch", reason="fused Adam is torch-backend code (backends/torch/fused_adam.py)"
+)
 
 
 def train(fused, optimizer_fn, steps=60):

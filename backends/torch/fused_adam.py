@@ -14,11 +14,13 @@ each step. The results agree to float rounding (1e-6 after 200 steps on a
 linear model), not bit for bit: in a network whose ReLUs flip, such rounding
 grows over training as any change of summation order does. It is therefore
 used only where the gradient all-reduce already changes that order
-(MultiWorkerMirrored, multi-device Mirrored); Default, OneDevice and one-device
-Mirrored keep Keras's own update, bit for bit. Only plain float32 Adam (no amsgrad) is replaced; every other
-optimizer, and everything `Optimizer.apply` does around the update (learning
-rate schedules, weight decay, clipping, gradient accumulation, loss scaling,
-the iteration count), is Keras's own.
+(MultiWorkerMirrored, multi-device Mirrored); Default, OneDevice and
+one-device Mirrored keep Keras's own update, bit for bit.
+
+Only plain float32 Adam (no amsgrad) is replaced; every other optimizer, and
+everything `Optimizer.apply` does around the update (learning rate schedules,
+weight decay, clipping, gradient accumulation, loss scaling, the iteration
+count), is Keras's own.
 """
 
 import contextlib
