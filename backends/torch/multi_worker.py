@@ -11,10 +11,12 @@ every worker reports the global value.
 
 import contextlib
 import datetime
+import math
 
 import torch
 import torch.distributed as dist
 from keras.src import tree
+from keras.src.backend.torch.core import to_torch_dtype
 from keras.src.backend.torch.trainer import TorchTrainer
 from keras.src.layers.normalization.batch_normalization import BatchNormalization
 from keras.src.trainers.data_adapters import data_adapter_utils
@@ -104,6 +106,7 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
         self._in_custom_step = False
         self._metric_variables = None  # metric state the last bucket carries
         self._metric_cache = None  # (versions, reduced state) from that bucket
+        self._global_count = None  # summed example counts, from that bucket
         self._needs_sync = False
         self._init_process_group()
 
@@ -177,14 +180,18 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
     # One collective per step. DDP's gradient all-reduce also carries this
     # worker's example count (the loss was multiplied by it, so the sum over
     # workers divided by the summed counts is the global batch's gradient,
-    # exact for an uneven last batch) and, in its last bucket, the metric
-    # state (totals and counts), so every worker's logs are global without
-    # collectives of their own. Profiled on 2 CPU processes: the two extra
-    # collectives were ~19% of a step, and each one is a sync point.
+    # exact for an uneven last batch) and the metric state (totals and
+    # counts), so every worker's logs are global without collectives of their
+    # own. Profiled on 2 CPU processes: the two extra collectives were ~19% of
+    # a step, and each one is a sync point. Only the last bucket carries them:
+    # the others are summed in place (no copies), and the gradients are
+    # divided by the summed count once backward is done (`_average`).
     def _comm_hook(self, state, bucket):
         buffer = bucket.buffer()
+        if not bucket.is_last():
+            return self._group.allreduce([buffer]).get_future().then(lambda done: done.value()[0])
         parts = [buffer, buffer.new_tensor([float(self._local_count)])]
-        metrics = self._metric_variables if bucket.is_last() else None
+        metrics = self._metric_variables
         if metrics:
             parts.append(self._flat_metric_state(metrics, buffer.dtype))
             versions = self._metric_versions(metrics)
@@ -193,11 +200,19 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
 
         def unpack(done):
             total = done.value()[0]
+            self._global_count = total[size]
             if metrics:
                 self._metric_cache = (versions, total[size + 1:])
-            return total[:size] / total[size]
+            return total[:size]
 
         return future.then(unpack)
+
+    def _average(self, gradients):
+        """Summed count-weighted gradients -> the global batch's gradient."""
+        count, self._global_count = self._global_count, None
+        if count is None:
+            raise RuntimeError("keras_strategies: DDP's last bucket did not carry the example count")
+        torch._foreach_div_([g for g in gradients if g is not None], count)
 
     @staticmethod
     def _flat_metric_state(variables, dtype):
@@ -244,6 +259,7 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
                     weights = model.trainable_weights[:]
                     gradients = [v.value.grad for v in weights]
                     with torch.no_grad():
+                        self._average(gradients)
                         model.optimizer.apply(gradients, weights)
             finally:
                 self._metric_variables = None
@@ -298,25 +314,29 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
             if not variables:
                 return get_metrics_result()
             cache, self._metric_cache = self._metric_cache, None
-            local = [v.value.detach().clone() for v in variables]
             if cache is not None and cache[0] == self._metric_versions(variables):
                 flat = cache[1]  # reduced in this step's gradient all-reduce
                 self._metric_cache = cache
             else:
                 flat = self._flat_metric_state(variables, torch.float64)
                 dist.all_reduce(flat)
+            # the results are computed from the global state, which stands in
+            # for each variable's own tensor (swapped, not copied) meanwhile
+            local = [v._value for v in variables]
             offset = 0
-            for variable, value in zip(variables, local):
-                total = flat[offset:offset + value.numel()].reshape(value.shape)
-                offset += value.numel()
-                if variable.aggregation == "mean":
-                    total = total / self.cluster.world_size
-                variable.value.data.copy_(total.to(value.dtype))
             try:
+                for variable in variables:
+                    shape = tuple(variable.shape)
+                    size = math.prod(shape)
+                    total = flat[offset:offset + size].reshape(shape)
+                    offset += size
+                    if variable.aggregation == "mean":
+                        total = total / self.cluster.world_size
+                    variable._value = total.to(to_torch_dtype(variable.dtype))
                 return get_metrics_result()
             finally:
                 for variable, value in zip(variables, local):
-                    variable.value.data.copy_(value)
+                    variable._value = value
 
         return result
 
