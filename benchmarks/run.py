@@ -1,7 +1,7 @@
 """Benchmarks keras_strategies (A) against the native way (B), per backend and strategy.
 
     python benchmarks/run.py --quick          # MLP, every backend, < 10 min on 2 cores
-    python benchmarks/run.py                  # all three workloads, longer runs
+    python benchmarks/run.py                  # all three workloads, 3 rounds (about 45 min on 2 cores)
     python benchmarks/run.py --backends jax --strategies mirrored --workloads mlp \
         --replicas 2 --repeats 1 --epochs 2 --steps 3 --out /tmp/b.json --no-plot   # smoke
 
@@ -38,7 +38,7 @@ CASES = {
     ("tensorflow", "default"): (True, ["ks", "native"]),
     ("jax", "default"): (True, ["ks", "native"]),
     ("torch", "default"): (True, ["ks", "native"]),
-    ("tensorflow", "mirrored"): (True, ["ks", "native"]),
+    ("tensorflow", "mirrored"): (True, ["ks", "native", "native_sync_bn"]),
     ("tensorflow", "central_storage"): (True, ["ks", "native"]),
     ("jax", "central_storage"): (True, ["ks"]),
     ("torch", "central_storage"): (True, ["ks"]),
@@ -66,6 +66,7 @@ LABELS = {
     ("jax", "native", "default"): "plain Keras fit",
     ("torch", "native", "default"): "plain Keras fit",
     ("tensorflow", "native"): "tf.distribute scope + Keras fit",
+    "native_sync_bn": "tf.distribute scope + Keras fit, BatchNormalization(synchronized=True)",
     ("jax", "native", "mirrored"): "keras.distribution.DataParallel",
     ("jax", "native", "multi_worker"): "keras.distribution.initialize + DataParallel (tf.data)",
     "keras_ddp": "Keras model + hand-written DDP loop",
@@ -88,6 +89,11 @@ def label(backend, strategy, method):
 
 def role(method):
     return {"ks": "A", "torch_ddp": "lower bound"}.get(method, "B")
+
+
+def applies(method, workload):
+    """Synchronized BatchNormalization is a native variant only where there is BN."""
+    return method != "native_sync_bn" or workload == "bn_convnet"
 
 
 def run_env(backend, threads):
@@ -152,6 +158,10 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
     record.update(
         status="ok",
         samples_per_s=[chief["samples_per_epoch"] / t for t in steady],
+        # CPU time of each process (all threads) per sample: the work done,
+        # much less sensitive than wall time to the scheduler on a small machine
+        cpu_us_per_sample=[[1e6 * c / r["samples_per_epoch"] for c in r["epoch_cpu_seconds"][1:]]
+                           for r in ranks],
         first_epoch_s=chief["epoch_seconds"][0],
         first_step_s=chief["first_step_s"],
         steps_seen=chief["steps_seen"],
@@ -188,6 +198,8 @@ def summarize(runs):
                 samples_per_s=dict(median=median(samples), min=min(samples), max=max(samples),
                                    n=len(samples)),
                 first_step_s=median([r["first_step_s"] for r in ok]),
+                cpu_us_per_sample=median([c for r in ok for rank in r.get("cpu_us_per_sample", [])
+                                          for c in rank]),
                 peak_rss_mib=[max(r["peak_rss_mib"][i] for r in ok) for i in range(len(ok[0]["peak_rss_mib"]))],
             )
         results.append(entry)
@@ -287,8 +299,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     workloads = (args.workloads or ("mlp" if args.quick else ",".join(WORKLOADS))).split(",")
     args.repeats = args.repeats or (2 if args.quick else 3)
-    args.epochs = args.epochs or (4 if args.quick else 6)
-    args.steps = args.steps or (50 if args.quick else 100)
+    args.epochs = args.epochs or 4
+    args.steps = args.steps or 50
     replica_counts = [int(n) for n in args.replicas.split(",")]
 
     plan = []
@@ -300,7 +312,9 @@ def main(argv=None):
                 for replicas in replica_counts:
                     if strategy == "default" and replicas != 1:
                         continue  # Default is one device by definition
-                    if args.quick and strategy in ("central_storage", "multi_worker") and replicas != 2:
+                    if strategy == "central_storage" and replicas != 2:
+                        continue  # one device holding and computing: nothing central about it
+                    if args.quick and strategy == "multi_worker" and replicas != 2:
                         continue  # --quick: scaling for Mirrored only (one process)
                     plan.append((backend, strategy, workload, replicas))
 
@@ -320,11 +334,11 @@ def main(argv=None):
     try:
         for backend, strategy, workload, replicas in plan:
             methods = [m for m in CASES[(backend, strategy)][1]
-                       if not args.methods or m in args.methods.split(",")]
-            # --quick: one A B round at 1 replica (for scaling) and for CentralStorage,
-            # A B A B at 2 replicas
+                       if (not args.methods or m in args.methods.split(",")) and applies(m, workload)]
+            # one A B round at 1 replica (for scaling; --quick: also for
+            # CentralStorage), A B A B ... at 2 replicas
             rounds = args.repeats
-            if args.quick and (replicas == 1 or strategy == "central_storage"):
+            if replicas == 1 or (args.quick and strategy == "central_storage"):
                 rounds = 1
             for repeat in range(rounds):
                 for method in methods:  # A B A B ...

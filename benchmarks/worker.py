@@ -7,6 +7,8 @@ Methods:
     ks         keras_strategies through model.fit(..., distribution=...)
     native     default: plain Keras fit, no distribution;
                TF: tf.distribute strategy scope + Keras fit;
+    native_sync_bn  TF: the same with BatchNormalization(synchronized=True)
+               (statistics over the global batch, as keras_strategies computes);
                JAX: keras.distribution.DataParallel (one process), or
                keras.distribution.initialize + DataParallel on tf.data (several)
     keras_ddp  torch: hand-written DDP loop over the Keras model (Keras guide)
@@ -29,7 +31,7 @@ sys.path.insert(0, HERE)
 from workloads import build_keras, build_torch, make_data, set_seed  # noqa: E402
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--method", required=True, choices=["ks", "native", "keras_ddp", "torch_ddp"])
+parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "keras_ddp", "torch_ddp"])
 parser.add_argument("--strategy", required=True,
                     choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
@@ -56,6 +58,14 @@ def write(result):
     with open(f"{args.out}.rank{RANK}.json", "w") as f:
         json.dump(result, f)
 
+
+# One core per process when several share the machine (ranks of one job, each
+# with one thread): the scheduler moving them between cores was the largest
+# source of run-to-run spread on 2 cores. Every method gets the same pinning.
+if WORLD > 1 and os.environ.get("KS_BENCH_PIN", "1") == "1" and hasattr(os, "sched_setaffinity"):
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= WORLD:
+        os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", RANK)) % len(cores)]})
 
 # Threads first: before any engine starts.
 if BACKEND == "tensorflow":
@@ -87,6 +97,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 native = None
+SYNC_BN = args.method == "native_sync_bn"
+if SYNC_BN:
+    args.method = "native"
 if args.method == "native" and args.strategy == "default":
     pass  # plain Keras fit, no distribution
 elif args.method == "native":
@@ -130,8 +143,10 @@ class Timer(keras.callbacks.Callback):
         super().__init__()
         self.first_step_end = None
         self.epoch_times = []
+        self.epoch_cpu = []
         self.steps_seen = []
         self._begin = None
+        self._begin_cpu = None
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps_seen[-1] += 1
@@ -143,11 +158,13 @@ class Timer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.steps_seen.append(0)
         self._begin = time.perf_counter()
+        self._begin_cpu = time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs and "loss" in logs:
             float(np.asarray(keras.ops.convert_to_numpy(logs["loss"])))
         self.epoch_times.append(time.perf_counter() - self._begin)
+        self.epoch_cpu.append(time.process_time() - self._begin_cpu)
 
 
 def compile_model(model):
@@ -175,7 +192,7 @@ def run_keras_fit():
     elif BACKEND == "tensorflow":
         scope = native.scope()  # keep the reference (see multiprocess-notes.md)
         with scope:
-            model = build_keras(args.workload)
+            model = build_keras(args.workload, synchronized_bn=SYNC_BN)
             compile_model(model)
         start = time.perf_counter()
         model.fit(x, y, **fit_kwargs)
@@ -193,7 +210,7 @@ def run_keras_fit():
         else:
             start = time.perf_counter()
             model.fit(x, y, **fit_kwargs)
-    return timer.epoch_times, timer.first_step_end - start, timer.steps_seen
+    return timer.epoch_times, timer.epoch_cpu, timer.first_step_end - start, timer.steps_seen
 
 
 def run_torch_loop():
@@ -221,9 +238,11 @@ def run_torch_loop():
     loss_fn = torch.nn.CrossEntropyLoss()
     first = None
     epoch_times = []
+    epoch_cpu = []
     steps_seen = []
     for _ in range(args.epochs):
         begin = time.perf_counter()
+        begin_cpu = time.process_time()
         steps_seen.append(0)
         for xb, yb in loader:
             steps_seen[-1] += 1
@@ -239,15 +258,16 @@ def run_torch_loop():
                 first = time.perf_counter() - start
         loss.item()
         epoch_times.append(time.perf_counter() - begin)
+        epoch_cpu.append(time.process_time() - begin_cpu)
     del ddp  # before destroying the group (multiprocess-notes.md: DDP shutdown)
     dist.destroy_process_group()
-    return epoch_times, first, steps_seen
+    return epoch_times, epoch_cpu, first, steps_seen
 
 
 if args.method in ("keras_ddp", "torch_ddp"):
-    epoch_times, first_step, steps_seen = run_torch_loop()
+    epoch_times, epoch_cpu, first_step, steps_seen = run_torch_loop()
 else:
-    epoch_times, first_step, steps_seen = run_keras_fit()
+    epoch_times, epoch_cpu, first_step, steps_seen = run_keras_fit()
 
 write({
     "method": args.method,
@@ -255,6 +275,7 @@ write({
     "workload": args.workload,
     "replicas": args.replicas,
     "epoch_seconds": epoch_times,
+    "epoch_cpu_seconds": epoch_cpu,  # this process's CPU time (all its threads)
     "samples_per_epoch": samples_per_epoch,
     "steps_per_epoch": args.steps,
     "steps_seen": steps_seen,

@@ -42,8 +42,12 @@ def set_seed(seed):
         torch.manual_seed(seed)
 
 
-def build_keras(workload):
-    """The Keras model; import keras only after the backend and threads are set."""
+def build_keras(workload, synchronized_bn=False):
+    """The Keras model; import keras only after the backend and threads are set.
+
+    `synchronized_bn`: BatchNormalization(synchronized=True), TensorFlow's own
+    way of computing the statistics over every replica under tf.distribute.
+    """
     import keras
     from keras import layers
 
@@ -68,11 +72,11 @@ def build_keras(workload):
         return keras.Sequential([
             keras.Input((28, 28, 1)),
             layers.Conv2D(16, 3, use_bias=False),
-            layers.BatchNormalization(),
+            layers.BatchNormalization(synchronized=synchronized_bn),
             layers.ReLU(),
             layers.MaxPooling2D(2),
             layers.Conv2D(32, 3, use_bias=False),
-            layers.BatchNormalization(),
+            layers.BatchNormalization(synchronized=synchronized_bn),
             layers.ReLU(),
             layers.GlobalAveragePooling2D(),
             layers.Dense(10),
