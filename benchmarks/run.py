@@ -8,7 +8,7 @@
 Every measurement is its own process (several, through keras_strategies.launch,
 for multi-process strategies), with KERAS_BACKEND chosen per run and one
 intra-op thread per replica. For each case (backend, strategy, workload,
-replicas) the methods run alternately, A B A B, `--repeats` times. Throughput
+replicas) the methods run alternately, A B B A ..., `--repeats` rounds. Throughput
 is samples/s per epoch with the first epoch (compilation, tracing, DDP setup)
 left out; the median over every later epoch of every repeat is reported, with
 min-max. Writes JSON, then (report.py) a markdown table and a PNG plot.
@@ -336,12 +336,14 @@ def main(argv=None):
             methods = [m for m in CASES[(backend, strategy)][1]
                        if (not args.methods or m in args.methods.split(",")) and applies(m, workload)]
             # one A B round at 1 replica (for scaling; --quick: also for
-            # CentralStorage), A B A B ... at 2 replicas
+            # CentralStorage), A B B A ... at 2 replicas
             rounds = args.repeats
             if replicas == 1 or (args.quick and strategy == "central_storage"):
                 rounds = 1
             for repeat in range(rounds):
-                for method in methods:  # A B A B ...
+                # A B, then B A, ...: a drift of the machine's speed during a
+                # case (seen on shared VMs) then favours neither method
+                for method in (methods if repeat % 2 == 0 else methods[::-1]):
                     record = measure(backend, strategy, method, workload, replicas, args, tmp)
                     record["repeat"] = repeat
                     runs.append(record)

@@ -59,10 +59,14 @@ def write(result):
         json.dump(result, f)
 
 
-# One core per process when several share the machine (ranks of one job, each
-# with one thread): the scheduler moving them between cores was the largest
-# source of run-to-run spread on 2 cores. Every method gets the same pinning.
-if WORLD > 1 and os.environ.get("KS_BENCH_PIN", "1") == "1" and hasattr(os, "sched_setaffinity"):
+# torch: one core per process when several share the machine (ranks of one
+# job, each with one compute thread): the scheduler moving them between cores
+# was the largest source of run-to-run spread on 2 cores, for every method.
+# Not TensorFlow or JAX: their runtimes' own threads (collectives, gRPC, XLA)
+# must run beside the compute thread; pinned, ours and native alike ran at
+# half speed. KS_BENCH_PIN=0/1 overrides.
+PIN = os.environ.get("KS_BENCH_PIN", "1" if BACKEND == "torch" else "0") == "1"
+if WORLD > 1 and PIN and hasattr(os, "sched_setaffinity"):
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) >= WORLD:
         os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", RANK)) % len(cores)]})
