@@ -77,7 +77,8 @@ def draw(data, path):
     ok = [r for r in data["results"] if "samples_per_s" in r]
     workloads = sorted({r["workload"] for r in ok})
     fig, axes = plt.subplots(len(workloads), 1, figsize=(13, 4.2 * len(workloads)), squeeze=False)
-    colors = {"ks": "tab:blue", "native": "tab:orange", "keras_ddp": "tab:orange", "torch_ddp": "tab:gray"}
+    colors = {"ks": "tab:blue", "native": "tab:orange", "keras_ddp": "tab:orange", "torch_ddp": "tab:gray",
+              "native_sync_bn": "tab:green"}
     for ax, workload in zip(axes[:, 0], workloads):
         rows = sorted((r for r in ok if r["workload"] == workload),
                       key=lambda r: (r["backend"], r["strategy"], r["replicas"], r["method"] != "ks"))
@@ -97,8 +98,11 @@ def draw(data, path):
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{b}\n{SHORT[s]}\nx{n}" for b, s, n in groups], fontsize=7)
         ax.set_ylabel("samples/s (median, min-max)")
+        sync = any(r["method"] == "native_sync_bn" for r in rows)
         ax.set_title(f"{workload}: A = keras_strategies (blue), B = native (orange), "
-                     f"plain torch DDP lower bound (gray)", fontsize=9)
+                     f"plain torch DDP lower bound (gray)"
+                     + (", TF native with BatchNormalization(synchronized=True) (green)" if sync else ""),
+                     fontsize=9)
     m = data["meta"]
     fig.suptitle(f"keras_strategies vs native, {m['date'][:10]}, {m['machine']['cpu']} "
                  f"({m['machine']['cores']} cores); load average before/after "

@@ -59,6 +59,30 @@ NOT_RUN = {
         "no native equivalent: torch.distributed has no central-storage strategy for Keras",
 }
 
+# Native runs that fail in Keras 3.15 (the harness still runs them, so that
+# the failure is shown, not assumed): (backend, strategy, method, workload) ->
+# (text in the output that identifies the failure, what the tables say).
+NATIVE_FAILS = {
+    ("tensorflow", "central_storage", "native", "bn_convnet"): (
+        "You must specify an aggregation method to update a AggregatingVariable",
+        "native fails: CentralStorageStrategy + BatchNormalization in Keras 3 (\"You must specify an aggregation "
+        "method to update a AggregatingVariable in Replica Context\")",
+    ),
+}
+
+
+def classify(record):
+    """A failed run that is a known native failure gets that as its status."""
+    known = NATIVE_FAILS.get((record["backend"], record["strategy"], record["method"], record["workload"]))
+    if record["status"] == "failed" and known and any(known[0] in line for line in record["output_tail"]):
+        record["status"] = known[1]
+    return record
+
+
+def native_fails(record):
+    return record["status"].startswith("native fails")
+
+
 LABELS = {
     "ks": "keras_strategies fit(distribution=)",
     ("tensorflow", "native", "central_storage"): "tf.distribute CentralStorageStrategy scope + Keras fit",
@@ -80,6 +104,11 @@ CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GR
                      "MASTER_ADDR", "MASTER_PORT", "TF_CONFIG", "KERAS_STRATEGIES_LAUNCHED",
                      "KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
                      "KERAS_DISTRIBUTION_PROCESS_ID", "XLA_FLAGS")
+
+
+THREADS = ("one intra-op thread per replica: a process holding k replicas gets k TF intra/inter-op threads "
+           "(or torch threads); XLA: one thread per device; the processes of a torch multi-process run are "
+           "pinned to one core each (TF/JAX: not pinned); rounds alternate A B, B A")
 
 
 def label(backend, strategy, method):
@@ -152,7 +181,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
                   wall_s=round(wall, 2), exit_code=proc.returncode)
     if proc.returncode != 0 or len(ranks) != processes:
         record.update(status="failed", output_tail=output.strip().splitlines()[-15:])
-        return record
+        return classify(record)
     chief = ranks[0]
     steady = chief["epoch_seconds"][1:] or chief["epoch_seconds"]
     record.update(
@@ -190,7 +219,8 @@ def summarize(runs):
                      processes=group[0]["processes"],
                      threads_per_process=group[0]["threads_per_process"], runs=len(group))
         if not ok:
-            entry.update(status="failed", output_tail=group[-1].get("output_tail"))
+            entry.update(status=group[-1]["status"] if native_fails(group[-1]) else "failed",
+                         output_tail=group[-1].get("output_tail"))
         else:
             samples = [s for r in ok for s in r["samples_per_s"]]
             entry.update(
@@ -277,6 +307,19 @@ def versions():
     return found
 
 
+def resummarize(path, plot=True):
+    with open(path) as f:
+        data = json.load(f)
+    runs = [classify(run) for run in data["runs"]]
+    data["results"], data["comparisons"], data["scaling"] = summarize(runs)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    import report
+
+    report.write_all(path, plot=plot)
+    return 1 if any(r["status"] != "ok" and not native_fails(r) for r in runs) else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -296,7 +339,12 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "results.json"))
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     parser.add_argument("--no-plot", action="store_true", help="JSON and markdown only")
+    parser.add_argument("--resummarize", metavar="JSON",
+                        help="measure nothing: classify and summarize the runs of an earlier JSON again "
+                             "(after a change to this script's summary), then rewrite it and its tables")
     args = parser.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize, plot=not args.no_plot)
     workloads = (args.workloads or ("mlp" if args.quick else ",".join(WORKLOADS))).split(",")
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.epochs = args.epochs or 4
@@ -326,10 +374,10 @@ def main(argv=None):
         config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
                     steps_per_epoch=args.steps, global_batch=args.batch, optimizer="Adam(1e-3)",
                     shuffle=False, metrics=None,
-                    threads="one intra-op thread per replica: a process holding k replicas gets k "
-                            "TF intra/inter-op threads (or torch threads); XLA: one thread per device"),
+                    threads=THREADS),
     )
     runs = []
+    shown_failing = set()
     tmp = tempfile.mkdtemp(prefix="ks-bench-")
     try:
         for backend, strategy, workload, replicas in plan:
@@ -344,9 +392,13 @@ def main(argv=None):
                 # A B, then B A, ...: a drift of the machine's speed during a
                 # case (seen on shared VMs) then favours neither method
                 for method in (methods if repeat % 2 == 0 else methods[::-1]):
+                    if (backend, strategy, method, workload, replicas) in shown_failing:
+                        continue  # a known native failure, shown once
                     record = measure(backend, strategy, method, workload, replicas, args, tmp)
                     record["repeat"] = repeat
                     runs.append(record)
+                    if native_fails(record):
+                        shown_failing.add((backend, strategy, method, workload, replicas))
                     thr = record.get("samples_per_s")
                     shown = f"{median(thr):.0f} samples/s" if thr else record["status"]
                     print(f"[{time.perf_counter() - started:6.0f}s] {backend:10s} {strategy:12s} "
@@ -364,7 +416,7 @@ def main(argv=None):
     import report
 
     report.write_all(args.out, plot=not args.no_plot)
-    failed = [r for r in runs if r["status"] != "ok"]
+    failed = [r for r in runs if r["status"] != "ok" and not native_fails(r)]
     for r in failed:
         print(f"FAILED {r['backend']} {r['strategy']} {r['method']} x{r['replicas']}:",
               *r.get("output_tail", []), sep="\n  ")
