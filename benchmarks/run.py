@@ -97,9 +97,6 @@ LABELS = {
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
 }
 
-STRATEGY_NAMES = {"default": "Default", "mirrored": "Mirrored", "multi_worker": "MultiWorkerMirrored",
-                  "central_storage": "CentralStorage"}
-
 CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                      "MASTER_ADDR", "MASTER_PORT", "TF_CONFIG", "KERAS_STRATEGIES_LAUNCHED",
                      "KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",

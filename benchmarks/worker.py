@@ -101,9 +101,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 native = None
+METHOD = args.method  # as asked for, in the output
 SYNC_BN = args.method == "native_sync_bn"
 if SYNC_BN:
-    args.method = "native"
+    args.method = "native"  # the native run, with synchronized BatchNormalization
 if args.method == "native" and args.strategy == "default":
     pass  # plain Keras fit, no distribution
 elif args.method == "native":
@@ -274,7 +275,7 @@ else:
     epoch_times, epoch_cpu, first_step, steps_seen = run_keras_fit()
 
 write({
-    "method": args.method,
+    "method": METHOD,
     "strategy": args.strategy,
     "workload": args.workload,
     "replicas": args.replicas,
