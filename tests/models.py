@@ -39,6 +39,21 @@ def sequential(batch_norm=False):
     return keras.Sequential(layers)
 
 
+def convnet(batch_norm=False):
+    """Convolution and pooling (and BatchNormalization over 4D batches) on the
+    same 8 features, seen as a 4x4x3 image after a Dense layer."""
+    layers = keras.layers
+    inputs = keras.Input((FEATURES,))
+    h = layers.Reshape((4, 4, 3))(layers.Dense(48)(inputs))
+    h = layers.Conv2D(6, 3, padding="same", activation=None if batch_norm else "relu")(h)
+    if batch_norm:
+        h = layers.ReLU()(layers.BatchNormalization()(h))
+    h = layers.MaxPooling2D(2)(h)
+    h = layers.AveragePooling2D(2, strides=1, padding="same")(h)
+    outputs = layers.Dense(CLASSES, activation="softmax")(layers.Flatten()(h))
+    return keras.Model(inputs, outputs)
+
+
 class Subclassed(keras.Model):
     def __init__(self, batch_norm=False):
         super().__init__()
@@ -73,6 +88,7 @@ class CustomTrainStep(Subclassed):
 MODELS = {
     "functional": functional,
     "sequential": sequential,
+    "convnet": convnet,
     "subclassed": Subclassed,
     "custom_train_step": CustomTrainStep,
 }

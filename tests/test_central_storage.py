@@ -40,12 +40,14 @@ def storage_devices(variable):
 
 
 # Each model kind under both patterns, and each (pattern, BatchNormalization)
-# pair with two kinds: 8 of the 16 combinations, to keep the suite short.
+# pair with two kinds: 8 of the 16 combinations, to keep the suite short; and a
+# convnet with BatchNormalization.
 @pytest.mark.parametrize("kind,pattern,batch_norm", [
     ("functional", "fit_argument", True), ("functional", "scope", False),
     ("sequential", "fit_argument", False), ("sequential", "scope", True),
     ("subclassed", "fit_argument", True), ("subclassed", "scope", False),
     ("custom_train_step", "fit_argument", False), ("custom_train_step", "scope", True),
+    ("convnet", "fit_argument", True),
 ])
 def test_training_equals_single_device(kind, batch_norm, pattern):
     x, y = make_data()

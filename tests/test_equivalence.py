@@ -36,7 +36,7 @@ def assert_same(model, history, ref_model, ref_history, x, y):
 
 # Every model kind under Mirrored (the strategy that changes the most); the
 # one-replica strategies with a functional model and a custom train_step.
-CASES = [("mirrored", kind) for kind in ("functional", "sequential", "subclassed", "custom_train_step")]
+CASES = [("mirrored", kind) for kind in ("functional", "sequential", "convnet", "subclassed", "custom_train_step")]
 CASES += [(name, kind) for name in ("default", "one_device") for kind in ("functional", "custom_train_step")]
 
 

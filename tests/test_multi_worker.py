@@ -174,12 +174,13 @@ def test_torchrun_with_tf_data(tmp_path):
     check_results(tmp_path)
 
 
-def test_tf_config_with_py_dataset_and_a_shuffled_epoch(tmp_path):
+def test_tf_config_with_py_dataset_a_shuffled_epoch_and_a_convnet(tmp_path):
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     envs = [base_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": r}}))
             for r in range(2)]
-    codes = run_ranks(envs, tmp_path, "--input", "py_dataset", "--coverage")
+    codes = run_ranks(envs, tmp_path, "--input", "py_dataset", "--coverage", "--kind", "convnet",
+                      "--batch-norm")
     assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
     check_results(tmp_path)
     # a shuffled epoch sees each example exactly once, on every worker

@@ -31,6 +31,7 @@ from keras.src.backend.common.stateless_scope import StatelessScope, in_stateles
 from keras.src.backend.torch import core as torch_core
 from keras.src.layers.normalization.batch_normalization import BatchNormalization
 from keras_strategies.backends.torch.common import move_variables, torch_device
+from keras_strategies.backends.torch.layout import copy_free_layouts
 from keras_strategies.backends.torch.local import TorchStrategy
 
 from keras_strategies.backend_base import BackendStrategy
@@ -126,7 +127,7 @@ class TorchCentralStorage(TorchStrategy):
         move_variables(model, self.native)
         model.__dict__["call"] = self._replicated_call(model)
         try:
-            with self.scope():
+            with self.scope(), copy_free_layouts():
                 yield
         finally:
             model.__dict__.pop("call", None)

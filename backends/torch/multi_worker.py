@@ -28,6 +28,7 @@ from keras_strategies.backend_base import join_error
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.torch.common import torch_device
 from keras_strategies.backends.torch.fused_adam import fused_adam
+from keras_strategies.backends.torch.layout import copy_free_layouts
 from keras_strategies.errors import WorkerError
 from keras_strategies.multi_worker import shuffle_seed
 
@@ -374,7 +375,7 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
 
     @contextlib.contextmanager
     def run_context(self, model):
-        with fused_adam(getattr(model, "optimizer", None)):
+        with fused_adam(getattr(model, "optimizer", None)), copy_free_layouts():
             if not self.distributed:
                 yield
             else:
