@@ -8,7 +8,7 @@
 Every measurement is its own process (several, through keras_strategies.launch,
 for multi-process strategies), with KERAS_BACKEND chosen per run and one
 intra-op thread per replica. For each case (backend, strategy, workload,
-replicas) the methods run alternately, A B B A ..., `--repeats` rounds. Throughput
+replicas) the methods run alternately, A B B A ..., `--repeats` rounds (by default one at 1 replica). Throughput
 is samples/s per epoch with the first epoch (compilation, tracing, DDP setup)
 left out; the median over every later epoch of every repeat is reported, with
 min-max. Writes JSON, then (report.py) a markdown table and a PNG plot.
@@ -328,7 +328,8 @@ def main(argv=None):
     parser.add_argument("--methods", default=None,
                         help="comma list limiting the methods (ks, native, keras_ddp, torch_ddp)")
     parser.add_argument("--replicas", default="1,2", help="replica counts to measure (scaling needs 1,2)")
-    parser.add_argument("--repeats", type=int, default=None, help="A B rounds per case")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="A B rounds per case (default: 3, --quick 2; 1 at 1 replica unless given)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (the first is left out)")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
@@ -343,6 +344,7 @@ def main(argv=None):
     if args.resummarize:
         return resummarize(args.resummarize, plot=not args.no_plot)
     workloads = (args.workloads or ("mlp" if args.quick else ",".join(WORKLOADS))).split(",")
+    args.repeats_given = args.repeats is not None
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.epochs = args.epochs or 4
     args.steps = args.steps or 50
@@ -380,10 +382,11 @@ def main(argv=None):
         for backend, strategy, workload, replicas in plan:
             methods = [m for m in CASES[(backend, strategy)][1]
                        if (not args.methods or m in args.methods.split(",")) and applies(m, workload)]
-            # one A B round at 1 replica (for scaling; --quick: also for
-            # CentralStorage), A B B A ... at 2 replicas
+            # unless --repeats is given: one A B round at 1 replica (for
+            # scaling; --quick: also for CentralStorage), A B B A ... at 2
             rounds = args.repeats
-            if replicas == 1 or (args.quick and strategy == "central_storage"):
+            if not args.repeats_given and (
+                    replicas == 1 or (args.quick and strategy == "central_storage")):
                 rounds = 1
             for repeat in range(rounds):
                 # A B, then B A, ...: a drift of the machine's speed during a
