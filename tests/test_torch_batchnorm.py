@@ -66,3 +66,22 @@ def test_fused_batch_norm_equals_keras(one_process_group, shape, center, scale):
     reduced = x.detach().numpy().reshape(-1, shape[-1])
     np.testing.assert_allclose(mean.numpy(), reduced.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(variance.numpy(), reduced.var(0), rtol=1e-4, atol=1e-5)
+
+
+def test_fallback_moments_equal_keras(one_process_group):
+    """The moments Keras's own BN call gets under MultiWorkerMirrored where the
+    fused path does not apply (masks, renorm, other dtypes): values and gradients."""
+    import torch
+
+    from keras_strategies.backends.torch.multi_worker import _CountWeightedSum, _moment_sums, _moments
+
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn((16, 5, 5, 3), generator=generator) * 2 - 1).requires_grad_()
+    weights = torch.randn(2, 3, generator=generator)
+    mean, variance = _moments(_CountWeightedSum.apply(_moment_sums(x, (0, 1, 2)), 1.0))
+    got = torch.autograd.grad((mean * weights[0] + variance * weights[1]).sum(), x)[0]
+    expected_mean, expected_variance = keras.ops.moments(x, axes=[0, 1, 2])
+    expected = torch.autograd.grad((expected_mean * weights[0] + expected_variance * weights[1]).sum(), x)[0]
+    np.testing.assert_allclose(mean.detach().numpy(), expected_mean.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variance.detach().numpy(), expected_variance.detach().numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-6)

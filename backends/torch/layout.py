@@ -44,7 +44,9 @@ _PERMUTATIONS = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
 
 def _transpose_spatial_inputs(inputs, channels_last_memory_format=True):
     """NHWC -> NCHW as a view in torch's channels_last memory format (no copy
-    when `inputs` is contiguous). Keras's own helper, for other ranks."""
+    when `inputs` is contiguous). Keras's own helper, for other ranks.
+    `channels_last_memory_format` is the argument upstream Keras's helper grew
+    (keras PR 23199), accepted so that ops already passing it keep working."""
     memory_format = _MEMORY_FORMATS.get(inputs.ndim)
     if memory_format is None:
         return _ORIGINAL_HELPER(inputs)

@@ -90,6 +90,20 @@ class _CountWeightedSum(torch.autograd.Function):
         return weighted / (ctx.count or 1.0), None
 
 
+def _moment_sums(x, axes):
+    """This worker's [sum of x, sum of x * x, element count] over `axes`, one
+    tensor: what the BatchNormalization all-reduce adds up over workers."""
+    count = torch.tensor([math.prod(x.shape[a] for a in axes)], dtype=x.dtype, device=x.device)
+    return torch.cat([torch.sum(x, dim=axes), torch.sum(x * x, dim=axes), count])
+
+
+def _moments(total):
+    """Mean and (biased) variance from summed `_moment_sums`."""
+    channels = (total.shape[0] - 1) // 2
+    mean = total[:channels] / total[-1]
+    return mean, torch.clamp(total[channels:2 * channels] / total[-1] - mean * mean, min=0.0)
+
+
 class _GlobalBatchNorm(torch.autograd.Function):
     """BatchNormalization over the global batch in a few passes, forward and
     backward: `(x - mean) / sqrt(variance + epsilon) * gamma + beta` with the
@@ -107,13 +121,10 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, axes, shape, epsilon, count_weight):
-        count = torch.tensor([math.prod(x.shape[a] for a in axes)], dtype=x.dtype, device=x.device)
-        total = torch.cat([torch.sum(x, dim=axes), torch.sum(x * x, dim=axes), count])
+        total = _moment_sums(x, axes)
         dist.all_reduce(total)
-        channels = (total.shape[0] - 1) // 2
+        mean, variance = _moments(total)
         n = total[-1]
-        mean = total[:channels] / n
-        variance = torch.clamp(total[channels:2 * channels] / n - mean * mean, min=0.0)
         invstd = torch.rsqrt(variance + epsilon)
         scale = invstd if gamma is None else invstd * gamma
         shift = -mean * scale if beta is None else beta - mean * scale
@@ -403,19 +414,10 @@ class TorchMultiWorker(MultiProcessBackendStrategy):
         def moments(inputs, mask):
             if mask is not None:
                 return original(inputs, mask)
-            axes = list(layer._reduction_axes)
-            count = torch.ones((), dtype=inputs.dtype, device=inputs.device)
-            for axis in axes:
-                count = count * inputs.shape[axis]
-            sums = torch.sum(inputs, dim=axes)
-            squares = torch.sum(inputs * inputs, dim=axes)
             total = _CountWeightedSum.apply(
-                torch.cat([sums, squares, count.reshape(1)]), self._moments_weight
+                _moment_sums(inputs, tuple(layer._reduction_axes)), self._moments_weight
             )
-            channels = sums.shape[0]
-            mean = total[:channels] / total[-1]
-            variance = torch.clamp(total[channels:2 * channels] / total[-1] - mean * mean, min=0.0)
-            return mean, variance
+            return _moments(total)
 
         return moments
 
