@@ -36,7 +36,7 @@ def markdown(data):
         "| first step s | peak RSS MiB/proc |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {"ks": 0, "native": 1, "keras_ddp": 1, "torch_ddp": 2}
+    order = {"ks": 0, "native": 1, "keras_ddp": 1, "torch_ddp": 2, "keras_fit": 3}
     for r in sorted(data["results"], key=lambda r: (r["backend"], r["strategy"], r["workload"],
                                                       r["replicas"], order.get(r["method"], 3))):
         if "samples_per_s" in r:
@@ -60,6 +60,17 @@ def markdown(data):
             vals = f"{c['status']} | | "
         lines.append(f"| {c['backend']} | {STRATEGY[c['strategy']]} | {c['workload']} | {c['replicas']} "
                      f"| {c['against_label']} | {vals} |")
+    references = [(r, t) for r in data["results"] if r["method"] == "keras_fit" and "samples_per_s" in r
+                  for t in data["results"] if t["method"] == "torch_ddp" and "samples_per_s" in t
+                  and (t["backend"], t["strategy"], t["workload"], t["replicas"])
+                  == (r["backend"], r["strategy"], r["workload"], r["replicas"])]
+    if references:
+        lines += ["", "Reference: Keras's own step cost. Plain Keras fit (one process, no distribution: Keras's "
+                  "layers, loss, optimizer and fit loop) over the torch.nn loop, on the same data.", "",
+                  "| backend | workload | replicas | plain Keras fit / torch.nn loop |", "|---|---|---|---|"]
+        for r, t in references:
+            lines.append(f"| {r['backend']} | {r['workload']} | {r['replicas']} "
+                         f"| {r['samples_per_s']['median'] / t['samples_per_s']['median']:.2f} |")
     lines += ["", "Scaling efficiency = throughput(2 replicas) / (2 x throughput(1 replica)).", "",
               "| backend | strategy | workload | method | efficiency |", "|---|---|---|---|---|"]
     for s in data["scaling"]:
@@ -78,7 +89,7 @@ def draw(data, path):
     workloads = sorted({r["workload"] for r in ok})
     fig, axes = plt.subplots(len(workloads), 1, figsize=(13, 4.2 * len(workloads)), squeeze=False)
     colors = {"ks": "tab:blue", "native": "tab:orange", "keras_ddp": "tab:orange", "torch_ddp": "tab:gray",
-              "native_sync_bn": "tab:green"}
+              "native_sync_bn": "tab:green", "keras_fit": "tab:purple"}
     for ax, workload in zip(axes[:, 0], workloads):
         rows = sorted((r for r in ok if r["workload"] == workload),
                       key=lambda r: (r["backend"], r["strategy"], r["replicas"], r["method"] != "ks"))
@@ -87,7 +98,8 @@ def draw(data, path):
             g = (r["backend"], r["strategy"], r["replicas"])
             if g not in groups:
                 groups.append(g)
-        width = 0.8 / 3
+        width = 0.8 / max(sum(1 for r in rows if (r["backend"], r["strategy"], r["replicas"]) == g)
+                          for g in groups)
         for gi, g in enumerate(groups):
             members = [r for r in rows if (r["backend"], r["strategy"], r["replicas"]) == g]
             for mi, r in enumerate(members):
@@ -101,6 +113,8 @@ def draw(data, path):
         sync = any(r["method"] == "native_sync_bn" for r in rows)
         ax.set_title(f"{workload}: A = keras_strategies (blue), B = native (orange), "
                      f"plain torch DDP lower bound (gray)"
+                     + (", plain Keras fit without distribution (purple)"
+                        if any(r["method"] == "keras_fit" for r in rows) else "")
                      + (", TF native with BatchNormalization(synchronized=True) (green)" if sync else ""),
                      fontsize=9)
     m = data["meta"]

@@ -45,7 +45,7 @@ CASES = {
     ("tensorflow", "multi_worker"): (False, ["ks"]),
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
-    ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp"]),
+    ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit"]),
 }
 
 NOT_RUN = {
@@ -95,6 +95,7 @@ LABELS = {
     ("jax", "native", "multi_worker"): "keras.distribution.initialize + DataParallel (tf.data)",
     "keras_ddp": "Keras model + hand-written DDP loop",
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
+    "keras_fit": "plain Keras fit, no distribution (Keras's own step cost)",
 }
 
 CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -114,11 +115,14 @@ def label(backend, strategy, method):
 
 
 def role(method):
-    return {"ks": "A", "torch_ddp": "lower bound"}.get(method, "B")
+    return {"ks": "A", "torch_ddp": "lower bound", "keras_fit": "reference"}.get(method, "B")
 
 
-def applies(method, workload):
-    """Synchronized BatchNormalization is a native variant only where there is BN."""
+def applies(method, workload, replicas):
+    """Synchronized BatchNormalization is a native variant only where there is BN;
+    plain Keras fit (one process) is the same job as one replica only."""
+    if method == "keras_fit":
+        return replicas == 1
     return method != "native_sync_bn" or workload == "bn_convnet"
 
 
@@ -326,7 +330,8 @@ def main(argv=None):
     parser.add_argument("--strategies", default="default,mirrored,multi_worker,central_storage")
     parser.add_argument("--workloads", default=None, help=f"comma list of {','.join(WORKLOADS)}")
     parser.add_argument("--methods", default=None,
-                        help="comma list limiting the methods (ks, native, keras_ddp, torch_ddp)")
+                        help="comma list limiting the methods (ks, native, native_sync_bn, keras_ddp, torch_ddp, "
+                             "keras_fit)")
     parser.add_argument("--replicas", default="1,2", help="replica counts to measure (scaling needs 1,2)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="A B rounds per case (default: 3, --quick 2; 1 at 1 replica unless given)")
@@ -381,7 +386,7 @@ def main(argv=None):
     try:
         for backend, strategy, workload, replicas in plan:
             methods = [m for m in CASES[(backend, strategy)][1]
-                       if (not args.methods or m in args.methods.split(",")) and applies(m, workload)]
+                       if (not args.methods or m in args.methods.split(",")) and applies(m, workload, replicas)]
             # unless --repeats is given: one A B round at 1 replica (for
             # scaling; --quick: also for CentralStorage), A B B A ... at 2
             rounds = args.repeats

@@ -13,6 +13,9 @@ Methods:
                keras.distribution.initialize + DataParallel on tf.data (several)
     keras_ddp  torch: hand-written DDP loop over the Keras model (Keras guide)
     torch_ddp  torch: hand-written DDP loop over an equivalent torch.nn model
+    keras_fit  torch, 1 process: plain Keras fit without any distribution, a
+               reference for Keras's own per-step cost (what no strategy can
+               go below) beside the torch.nn loop
 
 Writes OUT.rank{RANK}.json with per-epoch samples/s, time from the fit call (or
 loop start) to the first finished step, and this process's peak RSS.
@@ -31,7 +34,7 @@ sys.path.insert(0, HERE)
 from workloads import build_keras, build_torch, make_data, set_seed  # noqa: E402
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "keras_ddp", "torch_ddp"])
+parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "keras_ddp", "torch_ddp", "keras_fit"])
 parser.add_argument("--strategy", required=True,
                     choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
@@ -105,7 +108,7 @@ METHOD = args.method  # as asked for, in the output
 SYNC_BN = args.method == "native_sync_bn"
 if SYNC_BN:
     args.method = "native"  # the native run, with synchronized BatchNormalization
-if args.method == "native" and args.strategy == "default":
+if args.method == "keras_fit" or (args.method == "native" and args.strategy == "default"):
     pass  # plain Keras fit, no distribution
 elif args.method == "native":
     if BACKEND == "tensorflow":

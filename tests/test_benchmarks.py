@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark harness (benchmarks/run.py) on the current backend.
+"""Smoke tests of the benchmark harness (benchmarks/run.py) on the current backend,
+and of benchmarks/step_cost.py on torch.
 
 A few steps, the MLP, one strategy, 2 replicas, one A B round: the JSON must hold
 an A (keras_strategies) and a B (native) result with positive throughputs. It
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = keras.backend.backend()
@@ -40,3 +42,19 @@ def test_benchmark_smoke(tmp_path):
         assert all(rss > 0 for rss in r["peak_rss_mib"])
     assert any("throughput_ratio" in c for c in data["comparisons"])
     assert (tmp_path / "results.md").exists()
+
+
+def test_step_cost_smoke(tmp_path):
+    """benchmarks/step_cost.py (torch only): every method trains and reports a positive time."""
+    if BACKEND != "torch":
+        pytest.skip("benchmarks/step_cost.py measures the torch step")
+    out = tmp_path / "step.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--steps", "3", "--epochs", "2",
+         "--rounds", "1", "--batch", "16", "--bypass-layer-call", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ms = json.loads(out.read_text())["ms_per_step"]
+    assert set(ms) == {"ks", "keras_fit", "keras_ddp", "torch_ddp", "ks_no_layer_call", "keras_fit_no_layer_call"}
+    assert all(v["median"] > 0 for v in ms.values())
