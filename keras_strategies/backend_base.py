@@ -37,6 +37,53 @@ def reset_compiled_functions(model):
     model.predict_function = None
 
 
+_STASH = "_ks_compiled_functions"
+
+
+def _compiled_with(model):
+    # What a compiled step bakes in: Keras's compile() replaces these objects
+    # (and a step that creates state adds variables), so any change means the
+    # stashed functions are stale. Compared by identity, the objects held.
+    return [getattr(model, "optimizer", None), getattr(model, "_compile_loss", None),
+            getattr(model, "_compile_metrics", None), *state_variables(model)]
+
+
+def stash_compiled_functions(model, owner):
+    """At `detach`: keeps the step functions compiled under `owner` for its
+    next `attach`, and leaves the model without them (plain Keras builds its own).
+
+    Args:
+        model: the Keras model being detached.
+        owner: the backend strategy that compiled them.
+    """
+    model.__dict__[_STASH] = (owner, _compiled_with(model),
+                              (model.train_function, model.test_function, model.predict_function))
+    reset_compiled_functions(model)
+
+
+def restore_compiled_functions(model, owner):
+    """At `attach`: the step functions `owner` compiled for this model in an
+    earlier `fit(distribution=...)`/`evaluate`/`predict` call, so that calling
+    them again does not compile again (as a model built in the scope does not);
+    none when another strategy compiled them or the model was compiled anew since.
+
+    Args:
+        model: the Keras model being attached.
+        owner: the backend strategy attaching it.
+
+    Returns:
+        True if the functions were restored.
+    """
+    stash = model.__dict__.pop(_STASH, None)
+    if stash is not None and stash[0] is owner:
+        before, now = stash[1], _compiled_with(model)
+        if len(before) == len(now) and all(a is b for a, b in zip(before, now)):
+            model.train_function, model.test_function, model.predict_function = stash[2]
+            return True
+    reset_compiled_functions(model)
+    return False
+
+
 class BackendStrategy(abc.ABC):
     """One backend's implementation of one strategy.
 

@@ -64,3 +64,40 @@ def test_an_optimizer_built_by_fit_is_laid_out_with_the_weights(replica_devices,
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, distribution=strategy)
     assert not [w for w in caught if "mix of local" in str(w.message)]
     assert model.optimizer.built
+
+
+def test_repeated_calls_train_like_one_device_and_jax_compiles_once(replica_devices):
+    """fit/evaluate/fit with `distribution=` equal the same plain calls. On JAX
+    the second fit reuses the step compiled by the first (a model built in the
+    scope does, and compiling again cost ~1 s per call); compile() again, or
+    another strategy, compiles anew."""
+    x, y = make_data(n=64)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 0:
+                seen.append(self.model.train_function)
+
+    def calls(model, **distribution):
+        kwargs = dict(batch_size=16, verbose=0, **distribution)
+        model.fit(x, y, epochs=1, shuffle=False, callbacks=[Record()], **kwargs)
+        loss = model.evaluate(x, y, **kwargs)
+        model.fit(x, y, epochs=1, shuffle=False, callbacks=[Record()], **kwargs)
+        weights = model.get_weights()
+        model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+        model.fit(x, y, epochs=1, shuffle=False, callbacks=[Record()], **kwargs)
+        return loss, weights, model.get_weights()
+
+    ref = build("functional", initial_weights("functional"))
+    want = calls(ref)
+    seen.clear()
+    strategy = ks.Mirrored(devices=replica_devices)
+    got = calls(build("functional", initial_weights("functional")), distribution=strategy)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    for stage in (1, 2):
+        for a, b in zip(got[stage], want[stage]):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert seen[2] is not seen[1]  # compiled anew after compile()
+    if keras.backend.backend() == "jax":
+        assert seen[1] is seen[0]

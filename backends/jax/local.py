@@ -17,7 +17,8 @@ from keras_strategies.backends.jax.common import ensure_cpu_devices
 
 from keras_strategies.backend_base import (
     BackendStrategy,
-    reset_compiled_functions,
+    restore_compiled_functions,
+    stash_compiled_functions,
     state_variables,
 )
 from keras_strategies.devices import check_available, parse_device
@@ -63,7 +64,7 @@ class JaxStrategy(BackendStrategy):
         if self.native is None:
             return
         self._lay_out(model)
-        reset_compiled_functions(model)
+        restore_compiled_functions(model, self)  # same mesh, same layouts: no new compile
 
     def _lay_out(self, model):
         for variable in state_variables(model):
@@ -106,4 +107,4 @@ class JaxStrategy(BackendStrategy):
                 continue
             variable._layout = None
             variable._value = jax.device_put(variable._value, home)
-        reset_compiled_functions(model)
+        stash_compiled_functions(model, self)

@@ -23,7 +23,8 @@ from keras_strategies import data as data_lib
 from keras_strategies.backend_base import MultiProcessBackendStrategy
 from keras_strategies.backend_base import join_error
 from keras_strategies.backend_base import own_coordinator
-from keras_strategies.backend_base import reset_compiled_functions
+from keras_strategies.backend_base import restore_compiled_functions
+from keras_strategies.backend_base import stash_compiled_functions
 from keras_strategies.backend_base import state_variables
 from keras_strategies.backends.jax.common import input_mode
 from keras_strategies.errors import WorkerError
@@ -94,7 +95,7 @@ class JaxMultiWorker(MultiProcessBackendStrategy):
 
     def attach(self, model):
         self._lay_out(model, sync=False)  # synced in run_context
-        reset_compiled_functions(model)
+        restore_compiled_functions(model, self)  # same mesh, same layouts: no new compile
 
     def detach(self, model):
         home = jax.local_devices()[0]
@@ -104,7 +105,7 @@ class JaxMultiWorker(MultiProcessBackendStrategy):
             host = np.asarray(variable._value)  # replicated: addressable here
             variable._layout = None
             variable._value = jax.device_put(host, home)
-        reset_compiled_functions(model)
+        stash_compiled_functions(model, self)
 
     def prepare_call(self, model, method, arguments):
         self._method = method
