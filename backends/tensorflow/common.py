@@ -9,7 +9,11 @@ from keras.src.layers.normalization.batch_normalization import BatchNormalizatio
 from keras.src.losses import loss as loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_strategies.backend_base import reset_compiled_functions, state_variables
+from keras_strategies.backend_base import (
+    restore_compiled_functions,
+    stash_compiled_functions,
+    state_variables,
+)
 from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 
@@ -131,10 +135,14 @@ def recreate_variables(model):
 
 
 @contextlib.contextmanager
-def global_batch_training(model, num_replicas):
+def global_batch_training(model, num_replicas, owner):
     """During one fit/evaluate/predict with several replicas: BatchNormalization
     computes its statistics over the global batch, and each replica's loss is
-    weighted by its share of the global batch. The model is left as it was."""
+    weighted by its share of the global batch. The model is left as it was.
+
+    The steps traced this way are kept for `owner`'s next run of the model (the
+    same variables: a model built in its scope), so that they are not traced again
+    at every call."""
     if num_replicas == 1:
         yield
         return
@@ -146,11 +154,11 @@ def global_batch_training(model, num_replicas):
     for layer in norms:
         layer.synchronized = True
     model.__dict__["train_step"] = share_weighted_train_step(model.train_step)
-    reset_compiled_functions(model)
+    restore_compiled_functions(model, owner, values=True)
     try:
         yield
     finally:
         del model.__dict__["train_step"]
         for layer in norms:
             layer.synchronized = False
-        reset_compiled_functions(model)
+        stash_compiled_functions(model, owner, values=True)

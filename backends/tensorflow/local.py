@@ -25,7 +25,11 @@ from keras_strategies.backends.tensorflow.common import (
     tf_device,
 )
 
-from keras_strategies.backend_base import BackendStrategy, reset_compiled_functions
+from keras_strategies.backend_base import (
+    BackendStrategy,
+    drop_compiled_functions,
+    reset_compiled_functions,
+)
 from keras_strategies.devices import check_available, parse_device
 
 _mirrored_strategies = {}
@@ -104,10 +108,10 @@ class TensorFlowStrategy(BackendStrategy):
         model._distribute_strategy, model._jit_compile = self._saved
         if getattr(model, "optimizer", None) is not None:
             model.optimizer._distribution_strategy = tf.distribute.get_strategy()
-        reset_compiled_functions(model)
+        drop_compiled_functions(model)  # and the strategy's variables they hold
 
     @contextlib.contextmanager
     def run_context(self, model):
-        with global_batch_training(model, self.num_replicas_in_sync):
+        with global_batch_training(model, self.num_replicas_in_sync, self):
             with self.scope():
                 yield

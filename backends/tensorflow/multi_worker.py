@@ -20,6 +20,7 @@ from keras_strategies.backend_base import own_coordinator
 from keras_strategies.backends.tensorflow.common import global_batch_training
 from keras_strategies.backends.tensorflow.common import mean_aggregating_creator
 from keras_strategies.backends.tensorflow.common import recreate_variables
+from keras_strategies.backend_base import drop_compiled_functions
 from keras_strategies.backend_base import reset_compiled_functions
 from keras_strategies.multi_worker import shuffle_seed
 from keras_strategies.ports import free_port
@@ -99,14 +100,14 @@ class TensorFlowMultiWorker(MultiProcessBackendStrategy):
         model._distribute_strategy, model._jit_compile = self._saved
         if getattr(model, "optimizer", None) is not None:
             model.optimizer._distribution_strategy = tf.distribute.get_strategy()
-        reset_compiled_functions(model)
+        drop_compiled_functions(model)  # and the strategy's variables they hold
 
     def prepare_call(self, model, method, arguments):
         return data_lib.shuffle_globally(method, arguments, shuffle_seed())
 
     @contextlib.contextmanager
     def run_context(self, model):
-        with _fix_keras_20585(), global_batch_training(model, self.num_replicas_in_sync):
+        with _fix_keras_20585(), global_batch_training(model, self.num_replicas_in_sync, self):
             try:
                 with self.scope():
                     yield
