@@ -66,6 +66,18 @@ def test_an_optimizer_built_by_fit_is_laid_out_with_the_weights(replica_devices,
     assert model.optimizer.built
 
 
+def _train_function_recorder(seen):
+    """A callback class appending the model's train_function to `seen` at each
+    fit's first step: the same object twice means the step was not compiled again."""
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 0:
+                seen.append(self.model.train_function)
+
+    return Record
+
+
 def test_repeated_calls_train_like_one_device_and_jax_compiles_once(replica_devices):
     """fit/evaluate/fit with `distribution=` equal the same plain calls. On JAX
     the second fit reuses the step compiled by the first (a model built in the
@@ -73,11 +85,7 @@ def test_repeated_calls_train_like_one_device_and_jax_compiles_once(replica_devi
     another strategy, compiles anew."""
     x, y = make_data(n=64)
     seen = []
-
-    class Record(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 0:
-                seen.append(self.model.train_function)
+    Record = _train_function_recorder(seen)
 
     def calls(model, **distribution):
         kwargs = dict(batch_size=16, verbose=0, **distribution)
@@ -110,11 +118,7 @@ def test_a_model_built_in_the_scope_compiles_its_step_once(replica_devices):
     plain Keras does."""
     x, y = make_data(n=64)
     seen = []
-
-    class Record(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 0:
-                seen.append(self.model.train_function)
+    Record = _train_function_recorder(seen)
 
     def calls(model):
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Record()])
