@@ -75,7 +75,7 @@ from keras_strategies.backends.torch import multi_worker  # noqa: E402
 from workloads import build_keras, build_torch, make_data, set_seed  # noqa: E402
 
 # The multi-process path with one process (see the docstring).
-multi_worker.TorchMultiWorker.distributed = property(lambda self: True)
+multi_worker.TorchMultiWorkerMirrored.multi_process = property(lambda self: True)
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=0, world_size=1)
 strategy = ks.MultiWorkerMirrored()
 x, y = make_data(args.workload, args.steps * args.batch)

@@ -5,6 +5,14 @@ Example:
 import keras, keras_strategies
 model.fit(x, y, batch_size=256, distribution=keras_strategies.Mirrored())
 ```
+
+Every public name is exported here. The package's rooms: `strategies` (what
+each strategy does), `cluster` (who this process is in a job), `launch` (how
+the processes of a job start), `implementation` (what every backend's
+implementation builds on), `backends` (the TensorFlow, JAX and PyTorch
+implementations), and the plumbing beside them: `plugin` (`distribution=` on
+`fit`), `loader` (the active backend's implementation), `patches` (every
+change made to Keras), `errors`, `devices`.
 """
 
 import os as _os
@@ -24,23 +32,41 @@ def _only_launching():
 
 
 def _load():
-    from keras_strategies import plugin
-    from keras_strategies.central_storage import CentralStorage
+    import keras
+
+    from keras_strategies import patches, plugin
     from keras_strategies.cluster import ClusterError, ClusterSpec, resolve_cluster
-    from keras_strategies.errors import StrategyError, UnsupportedStrategyError, WorkerError
-    from keras_strategies.multi_worker import MultiWorkerMirrored
-    from keras_strategies.strategies import Default, Mirrored, OneDevice, Strategy, current_strategy
-    from keras_strategies.tpu import TPU
+    from keras_strategies.errors import (
+        KerasStrategiesError,
+        LaunchError,
+        StrategyError,
+        UnsupportedStrategyError,
+        WorkerError,
+    )
+    from keras_strategies.plugin import install, uninstall
+    from keras_strategies.strategies import (
+        TPU,
+        CentralStorage,
+        Default,
+        Mirrored,
+        MultiWorkerMirrored,
+        OneDevice,
+        Strategy,
+        current_strategy,
+    )
 
     globals().update({name: value for name, value in locals().items() if name in __all__})
+    patches.check_keras_version(keras.__version__)
     plugin.install()
 
 
 __all__ = [
+    "CentralStorage",
     "ClusterError",
     "ClusterSpec",
-    "CentralStorage",
+    "LaunchError",
     "Default",
+    "KerasStrategiesError",
     "Mirrored",
     "MultiWorkerMirrored",
     "OneDevice",
@@ -50,7 +76,9 @@ __all__ = [
     "UnsupportedStrategyError",
     "WorkerError",
     "current_strategy",
+    "install",
     "resolve_cluster",
+    "uninstall",
 ]
 
 if _only_launching():

@@ -1,7 +1,9 @@
 """Adds `distribution=` to `keras.Model.fit`, `evaluate` and `predict`.
 
-Installed once by `import keras_strategies`. Keras's own methods are kept and
-called; the wrapper only picks the strategy and hands the call to it:
+Installed by `import keras_strategies` (the `"installed"` patches of
+`keras_strategies.patches`), removed by `keras_strategies.uninstall()`.
+Keras's own methods are kept and called; the wrapper only picks the strategy
+and hands the call to it:
 
 - `distribution=` given: that strategy (pattern 1);
 - else the strategy the model was built under (pattern 2, tf.distribute idiom);
@@ -12,14 +14,11 @@ called; the wrapper only picks the strategy and hands the call to it:
 import functools
 import inspect
 
-from keras.src.models.model import Model
-from keras.src.trainers import trainer as base_trainer
-
-from keras_strategies import strategies
+from keras_strategies import patches
 from keras_strategies.errors import StrategyError
+from keras_strategies.strategies import base as strategies
 
-_METHODS = ("fit", "evaluate", "predict")
-_installed = False
+INSTALLED = ("distribution-argument", "scope-ownership")
 
 
 def _add_distribution_parameter(original):
@@ -33,7 +32,9 @@ def _add_distribution_parameter(original):
     return signature.replace(parameters=params)
 
 
-def _wrap(name, original):
+def with_distribution_argument(original):
+    """`Model.fit`/`evaluate`/`predict` with a `distribution=` argument."""
+    name = original.__name__
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -60,11 +61,12 @@ def _wrap(name, original):
 
     method.__signature__ = _add_distribution_parameter(original)
     del method.__wrapped__  # so inspect.signature shows `distribution`
-    method._ks_original = original
     return method
 
 
-def _wrap_trainer_init(original):
+def recording_scope_owner(original):
+    """`Trainer.__init__` that records the strategy whose scope is active."""
+
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
@@ -73,16 +75,19 @@ def _wrap_trainer_init(original):
             # Plain __dict__ entry: Keras (and torch.nn.Module) do not track it.
             self.__dict__["_ks_strategy"] = strategy
 
-    __init__._ks_original = original
     return __init__
 
 
 def install():
-    """Patches `keras.Model` once; later calls do nothing."""
-    global _installed
-    if _installed:
-        return
-    for name in _METHODS:
-        setattr(Model, name, _wrap(name, getattr(Model, name)))
-    base_trainer.Trainer.__init__ = _wrap_trainer_init(base_trainer.Trainer.__init__)
-    _installed = True
+    """Adds `distribution=` to Keras (once; later calls do nothing)."""
+    patches.install(INSTALLED)
+
+
+def uninstall():
+    """Restores Keras exactly as it was before `import keras_strategies`.
+
+    `fit`/`evaluate`/`predict` lose `distribution=`, models built in a
+    strategy's scope afterwards no longer remember it, and any Keras function
+    replaced for a run in progress is put back. `install()` adds them again.
+    """
+    patches.remove(patches.applied())

@@ -9,9 +9,9 @@ import socket
 import pytest
 
 from keras_strategies.cluster import ClusterError, ClusterSpec, resolve_cluster
-from keras_strategies.cluster import _expand_hostlist
+from keras_strategies.cluster.slurm import expand_hostlist as _expand_hostlist
 from keras_strategies.errors import StrategyError
-from keras_strategies.ports import free_port, port_in_use
+from keras_strategies.launch.ports import free_port, port_in_use
 
 
 def tf_config(cluster, task_type="worker", index=0):

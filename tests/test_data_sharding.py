@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import keras_strategies as ks
-from keras_strategies import data
+from keras_strategies.implementation import data
 
 
 def test_chunks_make_up_the_global_batch_in_rank_order():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from keras_strategies import launch as launch_module
+from keras_strategies.launch import job as launch_module
 from keras_strategies.cluster import resolve_cluster
 from keras_strategies.launch import LaunchError, cli, launch, main, rank_thread_settings
 

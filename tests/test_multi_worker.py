@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import BACKEND
-from keras_strategies.ports import free_port
+from keras_strategies.launch.ports import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "mp_worker.py")
@@ -100,7 +100,7 @@ def test_a_non_chief_backup_never_touches_the_users_directory(tmp_path):
     directory raced the chief's own makedirs: FileExistsError on the chief)."""
     import keras
 
-    from keras_strategies.multi_worker import non_chief_callbacks
+    from keras_strategies.implementation.chief_only import non_chief_callbacks
 
     user = os.path.join(tmp_path, "user", "backup")
     scratch = os.path.join(tmp_path, "scratch")

@@ -1,5 +1,5 @@
-"""torch: MultiWorkerMirrored's fused BatchNormalization (`_GlobalBatchNorm` in
-backends/torch/multi_worker.py) computes what Keras's layer computes, forward
+"""torch: MultiWorkerMirrored's fused BatchNormalization (`GlobalBatchNorm` in
+backends/torch/batchnorm.py) computes what Keras's layer computes, forward
 and backward, with and without gamma/beta, on 2D and 4D inputs. (Across two
 real workers, with an uneven split and a custom train_step: the BN tests of
 tests/test_multi_worker.py.)"""
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import BACKEND
-from keras_strategies.ports import free_port
+from keras_strategies.launch.ports import free_port
 
 pytestmark = pytest.mark.skipif(
-    BACKEND != "torch", reason="the fused BatchNormalization is torch-backend code (backends/torch/multi_worker.py)"
+    BACKEND != "torch", reason="the fused BatchNormalization is torch-backend code (backends/torch/batchnorm.py)"
 )
 
 
@@ -34,7 +34,7 @@ def one_process_group():
 def test_fused_batch_norm_equals_keras(one_process_group, shape, center, scale):
     import torch
 
-    from keras_strategies.backends.torch.multi_worker import _GlobalBatchNorm
+    from keras_strategies.backends.torch.batchnorm import GlobalBatchNorm as _GlobalBatchNorm
 
     keras.utils.set_random_seed(0)
     layer = keras.layers.BatchNormalization(center=center, scale=scale, momentum=0.9)
@@ -73,7 +73,7 @@ def test_fallback_moments_equal_keras(one_process_group):
     fused path does not apply (masks, renorm, other dtypes): values and gradients."""
     import torch
 
-    from keras_strategies.backends.torch.multi_worker import _CountWeightedSum, _moment_sums, _moments
+    from keras_strategies.backends.torch.batchnorm import CountWeightedSum as _CountWeightedSum, moment_sums as _moment_sums, moments as _moments
 
     generator = torch.Generator().manual_seed(1)
     x = (torch.randn((16, 5, 5, 3), generator=generator) * 2 - 1).requires_grad_()

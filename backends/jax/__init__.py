@@ -1,1 +1,1 @@
-"""JAX implementations: `keras.distribution` meshes and `jax.distributed` (see `local.py`)."""
+"""JAX implementations: `keras.distribution` meshes and `jax.distributed` (see `base.py`)."""

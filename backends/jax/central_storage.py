@@ -26,23 +26,16 @@ import jax
 import jax.numpy as jnp
 import keras
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from keras_strategies.backends.jax.local import JaxStrategy
 
-from keras_strategies.backend_base import (
-    BackendStrategy,
-    reset_compiled_functions,
-    state_variables,
-)
-from keras_strategies.central_storage import storage_device_for
-from keras_strategies.devices import check_available, parse_device
+from keras_strategies.backends.jax.base import JaxImplementation
+from keras_strategies.backends.jax.local import JaxMirrored
 from keras_strategies.errors import StrategyError
+from keras_strategies.implementation.model_state import reset_compiled_functions, state_variables
+from keras_strategies.implementation.placement import resolve_storage_device
+from keras_strategies.devices import parse_device
+from keras_strategies.patches import overriding
 
 _FUNCTIONS = ("make_train_function", "make_test_function", "make_predict_function")
-
-
-def create(strategy, devices, storage_device=None):
-    """Returns the JAX implementation of `CentralStorage`."""
-    return JaxCentralStorage(strategy, devices, storage_device)
 
 
 def jax_device(name):
@@ -57,38 +50,28 @@ class _CentralStorageDistribution(keras.distribution.DataParallel):
 
     def __init__(self, devices, storage):
         super().__init__(devices=devices)
-        self.storage_sharding = NamedSharding(
-            Mesh([storage], ("storage",)), PartitionSpec()
-        )
+        self.storage_sharding = NamedSharding(Mesh([storage], ("storage",)), PartitionSpec())
 
     def get_variable_layout(self, variable):
         return self.storage_sharding
 
 
-class JaxCentralStorage(JaxStrategy):
-    """Reuses the Mirrored implementation's device resolution and scope."""
+class JaxCentralStorage(JaxImplementation):
+    """Variables on the storage device, the batch sharded over the compute devices."""
+
+    default_devices = JaxMirrored.default_devices
 
     def __init__(self, strategy, devices, storage_device=None):
-        BackendStrategy.__init__(self, strategy, devices)
-        self.storage_device = storage_device_for(self.devices, storage_device)
-        if parse_device(self.storage_device)[0] == "cpu":
-            available = keras.distribution.list_devices("cpu")
-        else:
-            available = self.devices
-        check_available([self.storage_device], available, self.name, self.backend)
-        self.storage = jax_device(self.storage_device)
-        self.native = _CentralStorageDistribution(self.devices, self.storage)
+        self._storage_request = storage_device
+        super().__init__(strategy, devices)
         mesh = self.native.device_mesh.backend_mesh
         self.replicated = NamedSharding(mesh, PartitionSpec())
 
-    @property
-    def num_replicas_in_sync(self):
-        return len(self.devices)
-
-    def resolve_devices(self, requested):
-        if requested is None and jax.default_backend() in ("gpu", "tpu"):
-            return keras.distribution.list_devices(jax.default_backend())
-        return super().resolve_devices(requested)
+    def make_distribution(self):
+        cpus = keras.distribution.list_devices("cpu")
+        self.storage_device = resolve_storage_device(self, self._storage_request, cpus)
+        self.storage = jax_device(self.storage_device)
+        return _CentralStorageDistribution(self.devices, self.storage)
 
     # -- placement -------------------------------------------------------------
     def attach(self, model):
@@ -100,20 +83,20 @@ class JaxCentralStorage(JaxStrategy):
 
     @contextlib.contextmanager
     def run_context(self, model):
-        functions = {
+        makers = {
             "make_train_function": self._make_train_function,
             "make_test_function": self._make_test_function,
             "make_predict_function": self._make_predict_function,
         }
-        for name, make in functions.items():
-            model.__dict__[name] = _maker(model, name, make)
         reset_compiled_functions(model)
         try:
-            with self.scope():
+            with contextlib.ExitStack() as stack:
+                for name, make in makers.items():
+                    stack.enter_context(overriding(
+                        model, name, _maker(model, name, make), "jax-central-storage-steps"))
+                stack.enter_context(self.scope())
                 yield
         finally:
-            for name in _FUNCTIONS:
-                model.__dict__.pop(name, None)
             reset_compiled_functions(model)
 
     # -- steps -------------------------------------------------------------------
@@ -138,13 +121,10 @@ class JaxCentralStorage(JaxStrategy):
                 captured.append(grads)
                 return trainable_variables, optimizer_variables
 
-            optimizer.__dict__["stateless_apply"] = capture
-            try:
+            with overriding(optimizer, "stateless_apply", capture, "jax-central-storage-steps"):
                 logs, state = model.train_step(
                     (trainable, non_trainable, optimizer_values, metrics), data
                 )
-            finally:
-                del optimizer.__dict__["stateless_apply"]
             if len(captured) != 1:
                 raise StrategyError(
                     "CentralStorage on the jax backend needs train_step to call "
@@ -201,3 +181,6 @@ def _maker(model, name, make):
         return getattr(model, attribute)
 
     return make_function
+
+
+IMPLEMENTATIONS = {"CentralStorage": JaxCentralStorage}

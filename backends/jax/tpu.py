@@ -7,15 +7,9 @@ then lists every host's cores, and each host feeds its share of the batch.
 """
 
 import jax
-import keras
-from keras_strategies.backends.jax.local import JaxStrategy
 
-from keras_strategies.backend_base import BackendStrategy
-
-
-def create(strategy, devices, tpu=None):
-    """Returns the JAX implementation of `TPU`."""
-    return JaxTPU(strategy, tpu)
+from keras_strategies.backends.jax.base import JaxImplementation
+from keras_strategies.implementation.placement import check_local_tpu
 
 
 def find_tpu_devices(tpu):
@@ -33,15 +27,12 @@ def find_tpu_devices(tpu):
         return []
 
 
-class JaxTPU(JaxStrategy):
-    def __init__(self, strategy, tpu=None):
+class JaxTPU(JaxImplementation):
+    """A `DataParallel` mesh over every TPU core JAX sees."""
+
+    def __init__(self, strategy, devices, tpu=None):
         self.name = type(strategy).__name__
-        if tpu not in (None, "local"):
-            raise self.unsupported(
-                f"a TPU name or address ({tpu!r}) is a TensorFlow "
-                "TPUClusterResolver setting; JAX uses this host's TPU devices",
-                "Use TPU() on the TPU VM (after jax.distributed.initialize() on a pod).",
-            )
+        check_local_tpu(self, tpu, "JAX", "Use TPU() on the TPU VM (after jax.distributed.initialize() on a pod).")
         found = find_tpu_devices(tpu)
         if not found:
             raise self.unsupported(
@@ -51,12 +42,10 @@ class JaxTPU(JaxStrategy):
                 "or OneDevice on this machine.",
             )
         self._found = [f"{d.platform}:{d.id}" for d in found]
-        BackendStrategy.__init__(self, strategy, self._found)
-        self.native = keras.distribution.DataParallel(devices=self.devices)
-
-    @property
-    def num_replicas_in_sync(self):
-        return len(self.devices)
+        super().__init__(strategy, None)
 
     def resolve_devices(self, requested):
-        return requested
+        return list(self._found)
+
+
+IMPLEMENTATIONS = {"TPU": JaxTPU}

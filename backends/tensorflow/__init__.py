@@ -1,1 +1,1 @@
-"""TensorFlow implementations: real `tf.distribute` strategies (see `local.py`)."""
+"""TensorFlow implementations: real `tf.distribute` strategies (see `base.py`)."""

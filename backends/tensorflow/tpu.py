@@ -1,6 +1,6 @@
 """TensorFlow TPU: `TPUClusterResolver` + `initialize_tpu_system` +
 `tf.distribute.TPUStrategy`, with the same scope, BatchNormalization and
-attach/detach handling as Mirrored (`local.py`).
+attach/detach handling as Mirrored.
 
 `connect_tpu` is the one place that looks for and initialises a TPU; tests
 replace it (and `TPUStrategy`). Not run on TPU hardware.
@@ -9,16 +9,10 @@ replace it (and `TPUStrategy`). Not run on TPU hardware.
 import os
 
 import tensorflow as tf
-from keras_strategies.backends.tensorflow.local import TensorFlowStrategy
 
-from keras_strategies.backend_base import BackendStrategy
+from keras_strategies.backends.tensorflow.base import TFImplementation
 
 TPUStrategy = tf.distribute.TPUStrategy
-
-
-def create(strategy, devices, tpu=None):
-    """Returns the TensorFlow implementation of `TPU`."""
-    return TensorFlowTPU(strategy, tpu)
 
 
 def connect_tpu(tpu):
@@ -45,24 +39,26 @@ def connect_tpu(tpu):
     return resolver, [f"tpu:{i}" for i in range(len(cores))]
 
 
-class TensorFlowTPU(TensorFlowStrategy):
-    def __init__(self, strategy, tpu=None):
+class TFTPU(TFImplementation):
+    """`tf.distribute.TPUStrategy` over every core of the TPU."""
+
+    def __init__(self, strategy, devices, tpu=None):
         self.name = type(strategy).__name__
         try:
-            resolver, names = connect_tpu(tpu)
+            resolver, self._cores = connect_tpu(tpu)
         except (ValueError, RuntimeError, tf.errors.OpError) as error:
             raise self.unsupported(
                 f"could not connect to the TPU {tpu!r} ({error})",
                 "Check the TPU name or address and that the TPU is running.",
             ) from None
-        if not names:
+        if not self._cores:
             raise self.unsupported(
                 "no TPU was found (tf.config.list_physical_devices('TPU') is "
                 "empty and TPU_NAME is not set)",
                 "Run on a Cloud TPU VM, pass TPU(tpu='name-or-grpc-address'), or "
                 "use Mirrored or OneDevice on this machine.",
             )
-        BackendStrategy.__init__(self, strategy, names)
+        super().__init__(strategy, None)
         self.native = TPUStrategy(resolver)
 
     @property
@@ -70,4 +66,7 @@ class TensorFlowTPU(TensorFlowStrategy):
         return self.native.num_replicas_in_sync
 
     def resolve_devices(self, requested):
-        return requested
+        return list(self._cores)
+
+
+IMPLEMENTATIONS = {"TPU": TFTPU}

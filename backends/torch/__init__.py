@@ -1,1 +1,1 @@
-"""PyTorch implementations: Keras device placement, `torch.distributed` and DDP (see `local.py`)."""
+"""PyTorch implementations: Keras device placement, torch.distributed + DDP (see `base.py`)."""

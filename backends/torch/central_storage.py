@@ -29,24 +29,13 @@ import keras
 import torch
 from keras.src.backend.common.stateless_scope import StatelessScope, in_stateless_scope
 from keras.src.backend.torch import core as torch_core
-from keras.src.layers.normalization.batch_normalization import BatchNormalization
-from keras_strategies.backends.torch.common import move_variables, torch_device
-from keras_strategies.backends.torch.layout import copy_free_layouts
-from keras_strategies.backends.torch.local import TorchStrategy
 
-from keras_strategies.backend_base import BackendStrategy
-from keras_strategies.central_storage import storage_device_for
-from keras_strategies.devices import check_available, parse_device
-
-
-def create(strategy, devices, storage_device=None):
-    """Returns the PyTorch implementation of `CentralStorage`."""
-    return TorchCentralStorage(strategy, devices, storage_device)
-
+from keras_strategies.backends.torch.base import TorchImplementation, move_variables, torch_device
+from keras_strategies.implementation.placement import resolve_storage_device
+from keras_strategies.patches import overriding
 
 # -- BatchNormalization statistics over the replicas of one step -------------
 _replica = threading.local()  # .group and .index inside a replica's thread
-_original_moments = BatchNormalization._moments
 
 
 class _ReplicaGroup:
@@ -65,10 +54,20 @@ class _ReplicaGroup:
         return total
 
 
-def _moments(layer, inputs, mask):
-    group = getattr(_replica, "group", None)
-    if group is None or group.size == 1 or mask is not None:
-        return _original_moments(layer, inputs, mask)
+def replica_group_moments(original):
+    """The factory of the `torch-replica-batchnorm` patch:
+    `BatchNormalization._moments` over every replica of the step."""
+
+    def moments(layer, inputs, mask):
+        group = getattr(_replica, "group", None)
+        if group is None or group.size == 1 or mask is not None:
+            return original(layer, inputs, mask)
+        return _group_moments(layer, inputs, group)
+
+    return moments
+
+
+def _group_moments(layer, inputs, group):
     x = inputs.float() if inputs.dtype == torch.float16 else inputs
     axes = list(layer._reduction_axes)
     count = torch.tensor(float(x.numel() // x.shape[layer.axis]), device=x.device)
@@ -82,55 +81,33 @@ def _moments(layer, inputs, mask):
     return mean.to(inputs.dtype), variance.to(inputs.dtype)
 
 
-BatchNormalization._moments = lambda self, inputs, mask: _moments(self, inputs, mask)
-
-
 # -- the strategy ------------------------------------------------------------
-class TorchCentralStorage(TorchStrategy):
-    """Reuses the OneDevice implementation's scope (the storage device)."""
+class TorchCentralStorage(TorchImplementation):
+    """Master parameters on the storage device, one replica per compute device."""
+
+    keras_patches = ("torch-replica-batchnorm", "torch-copy-free-layouts")
 
     def __init__(self, strategy, devices, storage_device=None):
-        BackendStrategy.__init__(self, strategy, devices)
-        self.storage_device = storage_device_for(self.devices, storage_device)
-        if parse_device(self.storage_device)[0] == "cpu":
-            check_available([self.storage_device], ["cpu:0"], self.name, self.backend,
-                            "PyTorch has one CPU device, 'cpu:0'.")
-        else:
-            check_available([self.storage_device], self.devices, self.name, self.backend,
-                            "An accelerator used for storage must be one of the compute devices.")
+        super().__init__(strategy, devices)
+        self.storage_device = resolve_storage_device(
+            self, storage_device, ["cpu:0"], "PyTorch has one CPU device, 'cpu:0'.")
         self.native = torch_device(self.storage_device)
         self.replica_devices = [torch_device(d) for d in self.devices]
         self.last_step = None  # what the last replicated call did (for tests)
 
-    @property
-    def num_replicas_in_sync(self):
-        return len(self.devices)
+    def default_devices(self):
+        return [f"gpu:{i}" for i in range(torch.cuda.device_count())] or ["cpu:0"]
 
     def resolve_devices(self, requested):
-        gpus = torch.cuda.device_count()
-        if requested is None:
-            return [f"gpu:{i}" for i in range(gpus)] if gpus else ["cpu:0"]
-        if parse_device(requested[0])[0] == "cpu":
+        if requested is not None and requested[0].startswith("cpu"):
             return requested  # replicas on the one CPU device, each its own copy
-        available = [f"gpu:{i}" for i in range(gpus)]
-        check_available(requested, available, self.name, self.backend)
-        return requested
-
-    def scope(self):
-        return torch_core.device_scope(str(self.native))
-
-    def detach(self, model):
-        move_variables(model, torch.device(torch_core.get_device()))
+        return super().resolve_devices(requested)
 
     @contextlib.contextmanager
     def run_context(self, model):
         move_variables(model, self.native)
-        model.__dict__["call"] = self._replicated_call(model)
-        try:
-            with self.scope(), copy_free_layouts():
-                yield
-        finally:
-            model.__dict__.pop("call", None)
+        with overriding(model, "call", self._replicated_call(model), "torch-replicated-call"), self.scope():
+            yield
 
     def _replicated_call(self, model):
         call = type(model).call
@@ -212,3 +189,6 @@ class TorchCentralStorage(TorchStrategy):
                     variable.assign(sum(values) / len(values))  # MEAN, as on TensorFlow
                 else:
                     variable.assign(values[0])
+
+
+IMPLEMENTATIONS = {"CentralStorage": TorchCentralStorage}

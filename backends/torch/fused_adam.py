@@ -29,6 +29,8 @@ import math
 import torch
 from keras.src.backend.torch.optimizers.torch_adam import Adam as KerasTorchAdam
 
+from keras_strategies.patches import overriding
+
 
 def supports(optimizer):
     """Whether `optimizer` gets the fused update."""
@@ -77,14 +79,9 @@ def fused_update_step(optimizer):
     return update_step
 
 
-@contextlib.contextmanager
 def fused_adam(optimizer):
-    """While active, `optimizer` (if a plain Keras Adam) updates in one kernel."""
+    """While active, `optimizer` (if a plain Keras Adam) updates in one kernel
+    (the `torch-fused-adam` patch)."""
     if optimizer is None or not supports(optimizer):
-        yield
-        return
-    optimizer.__dict__["_backend_update_step"] = fused_update_step(optimizer)
-    try:
-        yield
-    finally:
-        optimizer.__dict__.pop("_backend_update_step", None)
+        return contextlib.nullcontext()
+    return overriding(optimizer, "_backend_update_step", fused_update_step(optimizer), "torch-fused-adam")

@@ -29,11 +29,12 @@ sums in another order in `channels_last`), and so are 1D ops (3D tensors have
 no channels_last format).
 """
 
-import contextlib
 import types
 
 import torch
 from keras.src.backend.torch import nn as torch_nn
+
+from keras_strategies import patches
 
 # The ops whose channels_last path gets the copy-free transpose.
 OPS = ("conv", "max_pool", "average_pool", "adaptive_average_pool", "adaptive_max_pool")
@@ -54,11 +55,14 @@ def _transpose_spatial_inputs(inputs, channels_last_memory_format=True):
 
 
 _ORIGINAL_HELPER = torch_nn._transpose_spatial_inputs
-_MARK = "_keras_strategies_copy_free"
 
 
-def _rebind(function, namespace):
-    """`function` with its module globals seen through `namespace`."""
+def copy_free(function):
+    """The factory of the `torch-copy-free-layouts` patch: `function` (one of
+    `OPS`) with Keras's module globals seen through a namespace whose
+    `_transpose_spatial_inputs` is the copy-free one."""
+    namespace = dict(vars(torch_nn))
+    namespace["_transpose_spatial_inputs"] = _transpose_spatial_inputs
     rebound = types.FunctionType(
         function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
     )
@@ -67,15 +71,13 @@ def _rebind(function, namespace):
     rebound.__qualname__ = function.__qualname__
     rebound.__module__ = function.__module__
     rebound.__wrapped__ = function
-    setattr(rebound, _MARK, True)
     return rebound
 
 
-@contextlib.contextmanager
 def copy_free_layouts():
     """While entered, Keras's torch conv and pooling ops skip the layout copies.
 
-    Nested entries are fine; each restores what it found.
+    Nested entries are fine (the patch is applied once).
 
     Example:
 
@@ -84,16 +86,4 @@ def copy_free_layouts():
         model.fit(x, y)
     ```
     """
-    originals = {name: getattr(torch_nn, name) for name in OPS}
-    if any(getattr(function, _MARK, False) for function in originals.values()):
-        yield  # an outer entry has already replaced them
-        return
-    namespace = dict(vars(torch_nn))
-    namespace["_transpose_spatial_inputs"] = _transpose_spatial_inputs
-    for name, function in originals.items():
-        setattr(torch_nn, name, _rebind(function, namespace))
-    try:
-        yield
-    finally:
-        for name, function in originals.items():
-            setattr(torch_nn, name, function)
+    return patches.active(("torch-copy-free-layouts",))

@@ -7,13 +7,8 @@ place that looks for TPUs; tests replace it. Not run on TPU hardware.
 """
 
 from keras_strategies.backends.torch.central_storage import TorchCentralStorage
-
-from keras_strategies.backend_base import BackendStrategy
-
-
-def create(strategy, devices, tpu=None):
-    """Returns the PyTorch implementation of `TPU`."""
-    return TorchTPU(strategy, tpu)
+from keras_strategies.implementation.base import Implementation
+from keras_strategies.implementation.placement import check_local_tpu
 
 
 def find_tpu_devices(tpu):
@@ -36,14 +31,11 @@ def find_tpu_devices(tpu):
 
 
 class TorchTPU(TorchCentralStorage):
-    def __init__(self, strategy, tpu=None):
+    """CentralStorage over the TPU cores, the master copy on the first."""
+
+    def __init__(self, strategy, devices, tpu=None):
         self.name = type(strategy).__name__
-        if tpu not in (None, "local"):
-            raise self.unsupported(
-                f"a TPU name or address ({tpu!r}) is a TensorFlow "
-                "TPUClusterResolver setting; torch_xla uses this host's TPU devices",
-                "Use TPU() on the TPU VM.",
-            )
+        check_local_tpu(self, tpu, "torch_xla", "Use TPU() on the TPU VM.")
         try:
             found = find_tpu_devices(tpu)
         except ImportError as error:
@@ -53,11 +45,8 @@ class TorchTPU(TorchCentralStorage):
                 "TPU VM, or use OneDevice/CentralStorage on this machine.",
             ) from None
         if not found:
-            raise self.unsupported(
-                "torch_xla found no TPU devices",
-                "Run on a Cloud TPU VM (PJRT_DEVICE=TPU).",
-            )
-        BackendStrategy.__init__(self, strategy, [name for name, _ in found])
+            raise self.unsupported("torch_xla found no TPU devices", "Run on a Cloud TPU VM (PJRT_DEVICE=TPU).")
+        Implementation.__init__(self, strategy, [name for name, _ in found])
         self.storage_device = self.devices[0]
         self.replica_devices = [device for _, device in found]
         self.native = self.replica_devices[0]
@@ -65,3 +54,6 @@ class TorchTPU(TorchCentralStorage):
 
     def resolve_devices(self, requested):
         return requested
+
+
+IMPLEMENTATIONS = {"TPU": TorchTPU}

@@ -15,6 +15,15 @@ import numpy as np
 from keras_strategies.errors import StrategyError
 
 
+def shuffle_seed():
+    """The seed every worker shuffles with: Keras's global seed when set
+    (`keras.utils.set_random_seed`, the same on every worker), else 0."""
+    from keras.src.utils import rng_utils
+
+    seed = rng_utils.get_random_seed()
+    return 0 if seed is None else int(seed)
+
+
 def chunk_bounds(size, rank, world):
     """The `[start, stop)` of worker `rank`'s chunk of a batch of `size`."""
     return size * rank // world, size * (rank + 1) // world

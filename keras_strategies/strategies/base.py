@@ -1,15 +1,16 @@
-"""The backend-neutral strategy classes.
+"""`Strategy`, the base of every strategy, and the scope stack.
 
 Each strategy says *what* happens (replicate the model, split the batch, reduce
-the gradients, place the variables); the module for the active backend in
-`keras_strategies.backends` says *how*, with that engine's own machinery.
+the gradients, place the variables); its implementation for the active backend
+(`keras_strategies.backends.<backend>`) says *how*, with that engine's own
+machinery.
 """
 
 import contextlib
 import threading
 
-from keras_strategies import backend as backend_lib
-from keras_strategies.data import is_array_like
+from keras_strategies import loader
+from keras_strategies.implementation.data import is_array_like
 from keras_strategies.errors import StrategyError
 
 _state = threading.local()
@@ -48,13 +49,11 @@ class Strategy:
     `num_replicas_in_sync` replicas.
     """
 
-    kind = None  # set by each subclass; the backends dispatch on it
-    implementation = "local"  # module in keras_strategies.backends.<backend>
+    _family = None  # the module of keras_strategies.backends.<backend> implementing it
 
     def __init__(self, devices=None, **options):
-        self._backend = backend_lib.backend_name()
-        module = backend_lib.implementation_module(self)
-        self._impl = module.create(self, devices, **options)
+        self._backend = loader.backend_name()
+        self._impl = loader.implementation(self, devices, **options)
 
     # -- what a user reads ---------------------------------------------------
     @property
@@ -85,7 +84,13 @@ class Strategy:
     @property
     def is_chief(self):
         """Whether this process is the one that writes checkpoints and logs."""
-        return self.worker_index == 0
+        return self._impl.is_chief
+
+    @property
+    def role(self):
+        """This process's part in the job: `"chief"` (the only one in a
+        one-process job), `"worker"` or `"ps"` (a parameter server)."""
+        return self._impl.role
 
     @property
     def native(self):
@@ -146,32 +151,11 @@ class Strategy:
                 f"again under `{type(self).__name__}(...).scope()`."
             )
         self._check_batch_sizes(method, arguments)
-        arguments = self._prepare_call(model, method, arguments)
-        attached = bound is self
         model.__dict__["_ks_running"] = self
         try:
-            if not attached:
-                self._impl.attach(model)
-            try:
-                with self._impl.run_context(model):
-                    result = original(*arguments.args, **arguments.kwargs)
-            except BaseException:
-                if not attached:
-                    try:
-                        self._impl.detach(model)
-                    except Exception:  # noqa: BLE001 - the first error is the one to see
-                        pass
-                raise
-            if not attached:
-                self._impl.detach(model)
-            return result
+            return self._impl.run(model, method, original, arguments, attached=bound is self)
         finally:
             model.__dict__.pop("_ks_running", None)
-
-    def _prepare_call(self, model, method, arguments):
-        """Rewrites the call's arguments (data split, callbacks); the
-        strategy's backend may rewrite them further."""
-        return self._impl.prepare_call(model, method, arguments)
 
     def _check_batch_sizes(self, method, arguments):
         replicas = self.num_replicas_in_sync
@@ -199,76 +183,3 @@ class Strategy:
                     f"{replicas}. Use a multiple of {replicas}, such as "
                     f"{lower} or {upper}."
                 )
-
-
-class Default(Strategy):
-    """No distribution: one replica on the backend's default device.
-
-    The same code path as the other strategies, so a script can switch
-    strategies with one argument.
-
-    Example:
-    ```python
-    model.fit(x, y, distribution=keras_strategies.Default())
-    ```
-    """
-
-    kind = "default"
-
-    def __init__(self):
-        super().__init__(None)
-
-    def __repr__(self):
-        return f"Default(backend={self._backend!r}, devices={self.devices})"
-
-
-class OneDevice(Strategy):
-    """Everything (variables and computation) on one device.
-
-    Args:
-        device: a Keras-style device name such as `"cpu:0"` or `"gpu:1"`.
-
-    Example:
-    ```python
-    model.fit(x, y, distribution=keras_strategies.OneDevice("gpu:0"))
-    ```
-    """
-
-    kind = "one_device"
-
-    def __init__(self, device):
-        if isinstance(device, (list, tuple)):
-            raise StrategyError(
-                f"OneDevice takes one device name, got {device!r}; use "
-                "Mirrored(devices=...) for several."
-            )
-        super().__init__([device])
-
-
-class Mirrored(Strategy):
-    """Synchronous data parallelism over the devices of one machine.
-
-    The model is replicated on every device, each global batch is split
-    evenly over the replicas, and the gradients are all-reduced each step,
-    so training gives the same weights as one device on the whole batch.
-    Batch-normalisation statistics are computed over the global batch.
-
-    Args:
-        devices: Keras-style device names, e.g. `["gpu:0", "gpu:1"]`.
-            `None` means every local GPU (or TPU core), or one CPU when
-            there is none. On a CPU-only machine `["cpu:0", "cpu:1"]` gives
-            two real replicas on TensorFlow and JAX when the strategy is
-            created before the backend has started.
-
-    Example:
-    ```python
-    with keras_strategies.Mirrored(["gpu:0", "gpu:1"]).scope():
-        model = build_model(); model.compile(...)
-    model.fit(x, y, batch_size=256)
-    ```
-    """
-
-    kind = "mirrored"
-
-    def __init__(self, devices=None):
-        super().__init__(devices)

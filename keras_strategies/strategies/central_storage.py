@@ -1,6 +1,6 @@
 """CentralStorage: variables in one place, computation replicated."""
 
-from keras_strategies.strategies import Strategy
+from keras_strategies.strategies.base import Strategy
 
 
 class CentralStorage(Strategy):
@@ -54,8 +54,7 @@ class CentralStorage(Strategy):
     ```
     """
 
-    kind = "central_storage"
-    implementation = "central_storage"
+    _family = "central_storage"
 
     def __init__(self, devices=None, storage_device=None):
         super().__init__(devices, storage_device=storage_device)
@@ -70,23 +69,3 @@ class CentralStorage(Strategy):
             f"CentralStorage(backend={self._backend!r}, devices={self.devices}, "
             f"storage_device={self.storage_device!r})"
         )
-
-
-def storage_device_for(devices, storage_device):
-    """The storage device a CentralStorage over `devices` uses.
-
-    Args:
-        devices: the resolved compute devices (canonical Keras names).
-        storage_device: what the user asked for, or `None`.
-
-    Returns:
-        A canonical Keras device name: the one asked for; else the single
-        compute device when it is an accelerator; else `"cpu:0"`.
-    """
-    from keras_strategies.devices import normalize_device, parse_device
-
-    if storage_device is not None:
-        return normalize_device(storage_device)
-    if len(devices) == 1 and parse_device(devices[0])[0] != "cpu":
-        return devices[0]
-    return "cpu:0"

@@ -1,6 +1,6 @@
 """TPU: synchronous data parallelism over the cores of a TPU."""
 
-from keras_strategies.strategies import Strategy
+from keras_strategies.strategies.base import Strategy
 
 
 class TPU(Strategy):
@@ -38,8 +38,7 @@ class TPU(Strategy):
     ```
     """
 
-    kind = "tpu"
-    implementation = "tpu"
+    _family = "tpu"
 
     def __init__(self, tpu=None):
         super().__init__(None, tpu=tpu)

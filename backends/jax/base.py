@@ -1,0 +1,137 @@
+"""What the JAX implementations share: `keras.distribution.DataParallel` meshes.
+
+- Variables are replicated on the mesh, each global batch is sharded over its
+  devices, and XLA's SPMD partitioner inserts the gradient all-reduce.
+- A model built before the distribution was active gets its variables laid
+  out on the mesh for the run, and moved back to the default device after.
+- A batch that cannot be split over the devices (the last, smaller batch of an
+  epoch) is replicated instead of sharded (`keras_fixes`): every device
+  computes it whole, so the result equals one device and Keras's
+  `IndivisibleError` never surfaces.
+"""
+
+import contextlib
+
+import jax
+import keras
+
+from keras_strategies.devices import check_available, parse_device
+from keras_strategies.errors import StrategyError
+from keras_strategies.implementation.base import Implementation
+from keras_strategies.implementation.model_state import (
+    restore_compiled_functions,
+    stash_compiled_functions,
+    state_variables,
+)
+from keras_strategies.patches import overriding
+
+
+def _backend_started():
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def ensure_cpu_devices(count, strategy_name):
+    """Gives JAX `count` host devices if its backend has not started yet."""
+    if not _backend_started():
+        if jax.config.jax_num_cpu_devices < count:
+            jax.config.update("jax_num_cpu_devices", count)
+        return
+    have = len(jax.devices("cpu"))
+    if have < count:
+        raise StrategyError(
+            f"{strategy_name} on the jax backend needs {count} CPU devices, but "
+            f"JAX has already started with {have}. Create the strategy before "
+            "anything runs JAX (before building a model), or set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={count} in the "
+            "environment, or call "
+            f'jax.config.update("jax_num_cpu_devices", {count}) before JAX starts.'
+        )
+
+
+def accelerators():
+    """Every GPU or TPU device (Keras names) when the default platform is one, else []."""
+    platform = jax.default_backend()
+    return keras.distribution.list_devices(platform) if platform in ("gpu", "tpu") else []
+
+
+class JaxImplementation(Implementation):
+    """A `keras.distribution.DataParallel` mesh over the devices (`native`)."""
+
+    backend = "jax"
+    keras_patches = ("jax-indivisible-batch",)
+
+    def __init__(self, strategy, devices):
+        super().__init__(strategy, devices)
+        self.native = self.make_distribution()
+
+    def make_distribution(self):
+        """The `keras.distribution.Distribution` this strategy runs under."""
+        return keras.distribution.DataParallel(devices=self.devices)
+
+    def default_devices(self):
+        """The devices used when none are asked for: the first one."""
+        return [keras.distribution.list_devices(jax.default_backend())[0]]
+
+    def resolve_devices(self, requested):
+        if requested is None:
+            return self.default_devices()
+        kind = parse_device(requested[0])[0]
+        if kind == "cpu":
+            ensure_cpu_devices(max(parse_device(d)[1] for d in requested) + 1, self.name)
+        try:
+            available = keras.distribution.list_devices(kind)
+        except RuntimeError:
+            available = []  # JAX has no such platform here
+        check_available(requested, available, self.name, self.backend)
+        return requested
+
+    def scope(self):
+        return self.native.scope()
+
+    def attach(self, model):
+        self.lay_out(model)
+        restore_compiled_functions(model, self)  # same mesh, same layouts: no new compile
+
+    def lay_out(self, model):
+        """Puts every variable of the model on the mesh, with its layout."""
+        for variable in state_variables(model):
+            if variable._value is None:
+                continue
+            layout = self.native.get_variable_layout(variable)
+            variable._layout = layout
+            variable._value = self.place(variable._value, layout.backend_layout)
+
+    def place(self, value, sharding):
+        """`value` laid out with `sharding`."""
+        return jax.device_put(value, sharding)
+
+    def to_home(self, value):
+        """`value` on the default device, where a detached model lives."""
+        return jax.device_put(value, jax.devices()[0])
+
+    def detach(self, model):
+        for variable in state_variables(model):
+            if variable._value is None:
+                continue
+            variable._layout = None
+            variable._value = self.to_home(variable._value)
+        stash_compiled_functions(model, self)
+
+    @contextlib.contextmanager
+    def run_context(self, model):
+        # Keras creates the optimizer's slots and the metrics' state inside
+        # fit/evaluate (`_symbolic_build`), where they came out on one device
+        # beside the mesh-laid-out weights: Keras warns of "a mix of local ...
+        # and distributed variables" and the step mixes devices. They are
+        # laid out as soon as they exist.
+        build = model._symbolic_build
+
+        def symbolic_build(*args, **kwargs):
+            result = build(*args, **kwargs)
+            self.lay_out(model)
+            return result
+
+        with overriding(model, "_symbolic_build", symbolic_build, "jax-late-layout"), self.scope():
+            yield

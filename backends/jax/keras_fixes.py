@@ -1,0 +1,74 @@
+"""The JAX replacements of Keras functions named in `keras_strategies.patches`.
+
+Each factory here is given Keras's original and returns what stands in for
+it while one of this package's strategies runs.
+"""
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+from keras.src.distribution import TensorLayout, distribution_lib
+
+
+class InputMode:
+    """How batches become global arrays while one of our strategies runs.
+
+    `global_batches`: every process holds the whole global batch (the
+    multi-process strategies feed each process the full input), and each
+    device takes its slice of it. `replicate`: every device gets the whole
+    batch (used for predict, so outputs are addressable on every process).
+    """
+
+    global_batches = False
+    replicate = False
+
+
+input_mode = InputMode()
+
+
+def _batch_partitions(sharding):
+    spec = sharding.spec
+    if not spec or spec[0] is None:
+        return 1
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    parts = 1
+    for name in names:
+        parts *= sharding.mesh.shape[name]
+    return parts
+
+
+def replicating_distribute_data_input(original):
+    """`distribute_data_input` that replicates a batch that cannot be split
+    over the devices (the last, smaller one) instead of raising
+    `IndivisibleError`, and follows `input_mode`."""
+
+    def distribute_data_input(per_process_batch, layout, batch_dim_name):
+        sharding = layout.backend_layout if isinstance(layout, TensorLayout) else layout
+        if not isinstance(sharding, NamedSharding) or not per_process_batch.ndim:
+            return original(per_process_batch, layout, batch_dim_name)
+        indivisible = per_process_batch.shape[0] % _batch_partitions(sharding)
+        single = jax.process_count() == 1
+        if input_mode.replicate or (indivisible and (single or input_mode.global_batches)):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec())
+        if input_mode.global_batches or single:
+            batch = per_process_batch
+            return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+        return original(per_process_batch, layout, batch_dim_name)
+
+    return distribute_data_input
+
+
+def without_distribution(original):
+    """A `CallbackList` hook run with no distribution active: what callbacks
+    create (Keras's saving code builds a throw-away Optimizer, for one) stays
+    local, instead of becoming a cross-process array that only the chief
+    creates, which would leave the other workers out of the collective."""
+
+    def hook(self, *args, **kwargs):
+        active = distribution_lib.distribution()
+        distribution_lib.set_distribution(None)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            distribution_lib.set_distribution(active)
+
+    return hook

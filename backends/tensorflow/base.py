@@ -1,0 +1,188 @@
+"""What the TensorFlow implementations share: real `tf.distribute` strategies
+run under Keras's own fit.
+
+Fixes applied around Keras 3.15 (all for the length of this package's runs):
+- BatchNormalization moving statistics drifted apart between replicas under
+  MirroredStrategy (their variables use aggregation NONE). Non-trainable
+  floating variables are created with aggregation MEAN, and BatchNormalization
+  computes its statistics over the global batch (`synchronized=True`), so every
+  replica holds identical values and training equals one device.
+- Keras scales each replica's loss by 1/num_replicas, which is wrong for an
+  unevenly split (last) batch; each replica's loss is scaled by its share of
+  the global batch instead.
+- A model built outside `scope()` gets its variables re-created as
+  distributed variables for the run, and plain ones afterwards.
+"""
+
+import contextlib
+
+import tensorflow as tf
+from keras.src.layers.normalization.batch_normalization import BatchNormalization
+
+from keras_strategies.backends.tensorflow.keras_fixes import local_value, share_weighted_train_step
+from keras_strategies.devices import check_available, parse_device
+from keras_strategies.errors import StrategyError
+from keras_strategies.implementation.base import Implementation
+from keras_strategies.implementation.model_state import (
+    drop_compiled_functions,
+    reset_compiled_functions,
+    restore_compiled_functions,
+    stash_compiled_functions,
+    state_variables,
+)
+from keras_strategies.patches import overriding
+
+
+def tf_device(name):
+    """The TensorFlow spelling of a Keras device name (`"/device:GPU:1"`)."""
+    kind, index = parse_device(name)
+    return f"/device:{kind.upper()}:{index}"
+
+
+def gpu_count():
+    """The GPUs TensorFlow sees."""
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def logical_cpu_count():
+    """The logical CPU devices TensorFlow has (1 unless split)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    config = tf.config.get_logical_device_configuration(cpu)
+    return len(config) if config else 1
+
+
+def ensure_logical_cpus(count, strategy_name):
+    """Splits the host CPU into `count` logical devices if TF has not started."""
+    if logical_cpu_count() >= count:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as error:
+        raise StrategyError(
+            f"{strategy_name} on the tensorflow backend needs {count} logical "
+            f"CPU devices, but TensorFlow has already started with "
+            f"{logical_cpu_count()}. Create the strategy before anything runs "
+            "TensorFlow (before building a model), or call "
+            "tf.config.set_logical_device_configuration("
+            "tf.config.list_physical_devices('CPU')[0], "
+            f"[tf.config.LogicalDeviceConfiguration()] * {count}) at the very "
+            f"start of the program. ({error})"
+        ) from None
+
+
+def mean_aggregating_creator(next_creator, **kwargs):
+    """Non-trainable float variables (BatchNorm statistics, ...) get MEAN
+    aggregation so a replica-context assign keeps replicas identical."""
+    aggregation = kwargs.get("aggregation")
+    dtype = kwargs.get("dtype")
+    if (
+        kwargs.get("trainable") is False
+        and aggregation in (None, tf.VariableAggregation.NONE)
+        and dtype is not None
+        and tf.as_dtype(dtype).is_floating
+    ):
+        kwargs["aggregation"] = tf.VariableAggregation.MEAN
+    return next_creator(**kwargs)
+
+
+def recreate_variables(model):
+    """Re-creates every variable's tf.Variable under the current scope."""
+    with tf.init_scope():
+        for variable in state_variables(model):
+            if variable._value is None:
+                continue  # not initialised yet: it will be, under the scope
+            value = tf.identity(tf.convert_to_tensor(local_value(variable._value)))
+            variable._value = None
+            variable._initialize(value)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.built:
+        optimizer._trainable_variables_indices = {
+            optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)
+        }
+
+
+@contextlib.contextmanager
+def global_batch_training(model, num_replicas, owner):
+    """During one fit/evaluate/predict with several replicas: BatchNormalization
+    computes its statistics over the global batch, and each replica's loss is
+    weighted by its share of the global batch. The model is left as it was.
+
+    The steps traced this way are kept for `owner`'s next run of the model (the
+    same variables: a model built in its scope), so that they are not traced again
+    at every call."""
+    if num_replicas == 1:
+        yield
+        return
+    norms = [
+        layer for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, BatchNormalization) and not layer.synchronized
+    ]
+    with contextlib.ExitStack() as stack:
+        for layer in norms:
+            stack.enter_context(overriding(layer, "synchronized", True, "tf-synchronized-batchnorm"))
+        stack.enter_context(overriding(
+            model, "train_step", share_weighted_train_step(model.train_step), "tf-share-weighted-step"))
+        restore_compiled_functions(model, owner, values=True)
+        try:
+            yield
+        finally:
+            stash_compiled_functions(model, owner, values=True)
+
+
+class TFImplementation(Implementation):
+    """A real `tf.distribute` strategy (`native`) run under Keras's own fit.
+
+    Subclasses create `native` in `__init__`; a model built outside the scope
+    gets its variables re-created under the strategy for the run.
+    """
+
+    backend = "tensorflow"
+    keras_patches = ("tf-loss-share",)
+
+    def default_devices(self):
+        """The devices used when none are asked for: the first GPU, else the CPU."""
+        return ["gpu:0" if gpu_count() else "cpu:0"]
+
+    def resolve_devices(self, requested):
+        if requested is None:
+            return self.default_devices()
+        kind = parse_device(requested[0])[0]
+        if kind == "cpu":
+            ensure_logical_cpus(max(parse_device(d)[1] for d in requested) + 1, self.name)
+            available = [f"cpu:{i}" for i in range(logical_cpu_count())]
+        elif kind == "gpu":
+            available = [f"gpu:{i}" for i in range(gpu_count())]
+        else:
+            available = []
+        check_available(requested, available, self.name, self.backend)
+        return requested
+
+    @contextlib.contextmanager
+    def scope(self):
+        with self.native.scope():
+            with tf.variable_creator_scope(mean_aggregating_creator):
+                yield
+
+    def attach(self, model):
+        with self.scope():
+            recreate_variables(model)
+        self._saved = (model._distribute_strategy, model._jit_compile)
+        model._distribute_strategy = self.native  # the tf-strategy-attributes patch
+        model._jit_compile = False  # as Keras does for models built in a scope
+        if getattr(model, "optimizer", None) is not None:
+            model.optimizer._distribution_strategy = self.native
+        reset_compiled_functions(model)
+
+    def detach(self, model):
+        recreate_variables(model)
+        model._distribute_strategy, model._jit_compile = self._saved
+        if getattr(model, "optimizer", None) is not None:
+            model.optimizer._distribution_strategy = tf.distribute.get_strategy()
+        drop_compiled_functions(model)  # and the strategy's variables they hold
+
+    @contextlib.contextmanager
+    def run_context(self, model):
+        with global_batch_training(model, self.num_replicas_in_sync, self):
+            with self.scope():
+                yield

@@ -1,0 +1,55 @@
+"""What the PyTorch implementations share: Keras's own device placement."""
+
+import torch
+from keras.src.backend.torch import core as torch_core
+
+from keras_strategies.devices import check_available, parse_device
+from keras_strategies.implementation.base import Implementation
+from keras_strategies.implementation.model_state import state_variables
+
+
+def torch_device(name):
+    """The `torch.device` of a Keras device name."""
+    kind, index = parse_device(name)
+    return torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
+
+
+def move_variables(model, device):
+    """Moves every variable of the model (keeping each Parameter object)."""
+    for variable in state_variables(model):
+        value = variable._value
+        if value is not None and value.device != device:
+            value.data = value.data.to(device)
+
+
+class TorchImplementation(Implementation):
+    """The model on one torch device (`native`), under Keras's device scope."""
+
+    backend = "torch"
+
+    def __init__(self, strategy, devices):
+        super().__init__(strategy, devices)
+        self.native = torch_device(self.devices[0])
+
+    def default_devices(self):
+        """The devices used when none are asked for: the first GPU, else the CPU."""
+        return ["gpu:0" if torch.cuda.device_count() else "cpu:0"]
+
+    def resolve_devices(self, requested):
+        if requested is None:
+            return self.default_devices()
+        kind = parse_device(requested[0])[0]
+        gpus = [f"gpu:{i}" for i in range(torch.cuda.device_count())]
+        available = {"cpu": ["cpu:0"], "gpu": gpus}.get(kind, [])
+        hint = "PyTorch has one CPU device, 'cpu:0'." if kind == "cpu" else ""
+        check_available(requested, available, self.name, self.backend, hint)
+        return requested
+
+    def scope(self):
+        return torch_core.device_scope(str(self.native))
+
+    def attach(self, model):
+        move_variables(model, self.native)
+
+    def detach(self, model):
+        move_variables(model, torch.device(torch_core.get_device()))

@@ -1,0 +1,116 @@
+"""`Implementation`: one backend's implementation of one strategy.
+
+Each backend module in `keras_strategies.backends.<backend>` defines one
+subclass per strategy (`IMPLEMENTATIONS` there maps the strategy's class name
+to it). A subclass says what it is -- its devices, its replica count, the
+engine's object (`native`) -- and overrides the hooks it needs; `run` calls
+them in one fixed order for every fit/evaluate/predict.
+"""
+
+import abc
+import contextlib
+
+from keras_strategies import patches
+from keras_strategies.devices import normalize_devices
+from keras_strategies.errors import unsupported
+
+
+class Implementation(abc.ABC):
+    """One backend's implementation of one strategy.
+
+    Args:
+        strategy: the user-facing `keras_strategies.Strategy`.
+        devices: the devices the user asked for, or `None`.
+    """
+
+    backend = None  # the Keras backend, set by each backend's base class
+    keras_patches = ()  # names of "run" patches (keras_strategies.patches) active during a run
+
+    @classmethod
+    def create(cls, strategy, devices, **options):
+        """Builds the implementation (a subclass may return another class's)."""
+        return cls(strategy, devices, **options)
+
+    def __init__(self, strategy, devices):
+        self.strategy = strategy
+        self.name = type(strategy).__name__
+        self.devices = self.resolve_devices(
+            None if devices is None else normalize_devices(devices, self.name)
+        )
+        self.native = None
+
+    # -- who am I (one process unless a subclass says otherwise) -------------
+    num_workers = 1
+    worker_index = 0
+    is_chief = True
+    role = "chief"
+
+    @property
+    def num_replicas_in_sync(self):
+        """How many replicas each global batch is split over."""
+        return len(self.devices)
+
+    @abc.abstractmethod
+    def resolve_devices(self, requested):
+        """Returns the devices to use, as canonical Keras names.
+
+        Args:
+            requested: canonical names the user asked for, or `None`.
+
+        Returns:
+            A list of canonical device names.
+        """
+
+    def unsupported(self, missing, fix=None):
+        """The `UnsupportedStrategyError` naming this strategy and backend."""
+        return unsupported(self.name, self.backend, missing, fix)
+
+    # -- hooks ---------------------------------------------------------------
+    def scope(self):
+        """Entered by `Strategy.scope()`: models built inside belong to it."""
+        return contextlib.nullcontext()
+
+    def attach(self, model):
+        """Lays out a model built outside the scope for this strategy."""
+
+    def detach(self, model):
+        """Undoes `attach`, leaving an ordinary single-device model."""
+
+    def prepare_call(self, model, method, arguments):
+        """Rewrites a fit/evaluate/predict call's `inspect.BoundArguments`."""
+        return arguments
+
+    def run_context(self, model):
+        """Entered around each fit/evaluate/predict of the model."""
+        return self.scope()
+
+    # -- one fit/evaluate/predict --------------------------------------------
+    def run(self, model, method, original, arguments, attached):
+        """Runs Keras's own `original` method under this strategy.
+
+        Args:
+            model: the Keras model.
+            method: `"fit"`, `"evaluate"` or `"predict"`.
+            original: Keras's own unbound method.
+            arguments: the call's `inspect.BoundArguments`.
+            attached: whether the model was built in this strategy's scope
+                (then there is nothing to attach or detach).
+
+        Returns:
+            What the original method returns.
+        """
+        arguments = self.prepare_call(model, method, arguments)
+        with patches.active(self.keras_patches):
+            if not attached:
+                self.attach(model)
+            try:
+                with self.run_context(model):
+                    result = original(*arguments.args, **arguments.kwargs)
+            except BaseException:
+                if not attached:
+                    with contextlib.suppress(Exception):  # the first error is the one to see
+                        self.detach(model)
+                raise
+            if not attached:
+                self.detach(model)
+        return result
