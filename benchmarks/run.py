@@ -206,76 +206,82 @@ def median(values):
     return None if not n else (values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2)
 
 
+def _result_entry(key, group):
+    backend, strategy, workload, method, replicas = key
+    ok = [r for r in group if r["status"] == "ok"]
+    entry = dict(backend=backend, strategy=strategy, workload=workload, method=method,
+                 label=label(backend, strategy, method), role=role(method), replicas=replicas,
+                 processes=group[0]["processes"],
+                 threads_per_process=group[0]["threads_per_process"], runs=len(group))
+    if not ok:
+        entry.update(status=group[-1]["status"] if native_fails(group[-1]) else "failed",
+                     output_tail=group[-1].get("output_tail"))
+        return entry
+    samples = [s for r in ok for s in r["samples_per_s"]]
+    entry.update(
+        status="ok" if len(ok) == len(group) else f"{len(group) - len(ok)} of {len(group)} runs failed",
+        samples_per_s=dict(median=median(samples), min=min(samples), max=max(samples), n=len(samples)),
+        first_step_s=median([r["first_step_s"] for r in ok]),
+        cpu_us_per_sample=median([c for r in ok for rank in r.get("cpu_us_per_sample", []) for c in rank]),
+        peak_rss_mib=[max(r["peak_rss_mib"][i] for r in ok) for i in range(len(ok[0]["peak_rss_mib"]))],
+    )
+    return entry
+
+
+def _not_run_entries(results):
+    """Rows for the native methods known not to run (NOT_RUN), where the case ran."""
+    entries = []
+    for (backend, strategy, method), reason in NOT_RUN.items():
+        if any(r["backend"] == backend and r["strategy"] == strategy for r in results):
+            for workload in {r["workload"] for r in results}:
+                for replicas in {r["replicas"] for r in results}:
+                    entries.append(dict(backend=backend, strategy=strategy, workload=workload,
+                                        method=method, label=label(backend, strategy, method),
+                                        role=role(method), replicas=replicas, status=reason))
+    return entries
+
+
+def _same_case(a, b, *fields):
+    return all(a[f] == b[f] for f in fields)
+
+
+def _comparison(ours, other):
+    comp = dict(backend=ours["backend"], strategy=ours["strategy"], workload=ours["workload"],
+                replicas=ours["replicas"], against=other["method"], against_label=other["label"])
+    if "samples_per_s" in other:
+        comp.update(
+            throughput_ratio=ours["samples_per_s"]["median"] / other["samples_per_s"]["median"],
+            peak_rss_ratio=max(ours["peak_rss_mib"]) / max(other["peak_rss_mib"]),
+            first_step_delta_s=ours["first_step_s"] - other["first_step_s"],
+        )
+    else:
+        comp.update(status=other["status"])
+    return comp
+
+
 def summarize(runs):
     """Results per (backend, strategy, workload, method, replicas), ratios and scaling."""
     groups = {}
     for run in runs:
         key = (run["backend"], run["strategy"], run["workload"], run["method"], run["replicas"])
         groups.setdefault(key, []).append(run)
-    results = []
-    for (backend, strategy, workload, method, replicas), group in groups.items():
-        ok = [r for r in group if r["status"] == "ok"]
-        entry = dict(backend=backend, strategy=strategy, workload=workload, method=method,
-                     label=label(backend, strategy, method), role=role(method), replicas=replicas,
-                     processes=group[0]["processes"],
-                     threads_per_process=group[0]["threads_per_process"], runs=len(group))
-        if not ok:
-            entry.update(status=group[-1]["status"] if native_fails(group[-1]) else "failed",
-                         output_tail=group[-1].get("output_tail"))
-        else:
-            samples = [s for r in ok for s in r["samples_per_s"]]
-            entry.update(
-                status="ok" if len(ok) == len(group) else f"{len(group) - len(ok)} of {len(group)} runs failed",
-                samples_per_s=dict(median=median(samples), min=min(samples), max=max(samples),
-                                   n=len(samples)),
-                first_step_s=median([r["first_step_s"] for r in ok]),
-                cpu_us_per_sample=median([c for r in ok for rank in r.get("cpu_us_per_sample", [])
-                                          for c in rank]),
-                peak_rss_mib=[max(r["peak_rss_mib"][i] for r in ok) for i in range(len(ok[0]["peak_rss_mib"]))],
-            )
-        results.append(entry)
-    for (backend, strategy, method), reason in NOT_RUN.items():
-        if any(r["backend"] == backend and r["strategy"] == strategy for r in results):
-            for workload in {r["workload"] for r in results}:
-                for replicas in {r["replicas"] for r in results}:
-                    results.append(dict(backend=backend, strategy=strategy, workload=workload,
-                                        method=method, label=label(backend, strategy, "native")
-                                        if method == "native" else label(backend, strategy, method),
-                                        role=role(method), replicas=replicas, status=reason))
-
-    def thr(backend, strategy, workload, method, replicas):
-        for r in results:
-            if (r["backend"], r["strategy"], r["workload"], r["method"], r["replicas"]) == \
-                    (backend, strategy, workload, method, replicas) and "samples_per_s" in r:
-                return r
-        return None
-
-    comparisons, scaling = [], []
-    for r in results:
-        if r["method"] == "ks" and "samples_per_s" in r:
-            for other in results:
-                if other is r or other["method"] == "ks":
-                    continue
-                if (other["backend"], other["strategy"], other["workload"], other["replicas"]) != \
-                        (r["backend"], r["strategy"], r["workload"], r["replicas"]):
-                    continue
-                comp = dict(backend=r["backend"], strategy=r["strategy"], workload=r["workload"],
-                            replicas=r["replicas"], against=other["method"], against_label=other["label"])
-                if "samples_per_s" in other:
-                    comp.update(
-                        throughput_ratio=r["samples_per_s"]["median"] / other["samples_per_s"]["median"],
-                        peak_rss_ratio=max(r["peak_rss_mib"]) / max(other["peak_rss_mib"]),
-                        first_step_delta_s=r["first_step_s"] - other["first_step_s"],
-                    )
-                else:
-                    comp.update(status=other["status"])
-                comparisons.append(comp)
-        if r["replicas"] == 2 and "samples_per_s" in r:
-            one = thr(r["backend"], r["strategy"], r["workload"], r["method"], 1)
-            if one:
-                scaling.append(dict(backend=r["backend"], strategy=r["strategy"], workload=r["workload"],
-                                    method=r["method"], label=r["label"],
-                                    efficiency=r["samples_per_s"]["median"] / (2 * one["samples_per_s"]["median"])))
+    results = [_result_entry(key, group) for key, group in groups.items()]
+    results += _not_run_entries(results)
+    measured = [r for r in results if "samples_per_s" in r]
+    comparisons = [
+        _comparison(r, other)
+        for r in measured if r["method"] == "ks"
+        for other in results
+        if other["method"] != "ks" and _same_case(r, other, "backend", "strategy", "workload", "replicas")
+    ]
+    scaling = []
+    for r in measured:
+        one = [o for o in measured if o["replicas"] == 1
+               and _same_case(r, o, "backend", "strategy", "workload", "method")]
+        if r["replicas"] == 2 and one:
+            scaling.append(dict(backend=r["backend"], strategy=r["strategy"], workload=r["workload"],
+                                method=r["method"], label=r["label"],
+                                efficiency=r["samples_per_s"]["median"] / (2 * one[0]["samples_per_s"]["median"])))
     return results, comparisons, scaling
 
 
@@ -321,7 +327,7 @@ def resummarize(path, plot=True):
     return 1 if any(r["status"] != "ok" and not native_fails(r) for r in runs) else 0
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="MLP only, short runs; 1 replica only for Default and Mirrored, one A B round "
@@ -345,16 +351,11 @@ def main(argv=None):
     parser.add_argument("--resummarize", metavar="JSON",
                         help="measure nothing: classify and summarize the runs of an earlier JSON again "
                              "(after a change to this script's summary), then rewrite it and its tables")
-    args = parser.parse_args(argv)
-    if args.resummarize:
-        return resummarize(args.resummarize, plot=not args.no_plot)
-    workloads = (args.workloads or ("mlp" if args.quick else ",".join(WORKLOADS))).split(",")
-    args.repeats_given = args.repeats is not None
-    args.repeats = args.repeats or (2 if args.quick else 3)
-    args.epochs = args.epochs or 4
-    args.steps = args.steps or 50
-    replica_counts = [int(n) for n in args.replicas.split(",")]
+    return parser
 
+
+def _plan(args, workloads, replica_counts):
+    """The (backend, strategy, workload, replicas) cases to measure."""
     plan = []
     for backend in args.backends.split(","):
         for strategy in args.strategies.split(","):
@@ -369,51 +370,40 @@ def main(argv=None):
                     if args.quick and strategy == "multi_worker" and replicas != 2:
                         continue  # --quick: scaling for Mirrored only (one process)
                     plan.append((backend, strategy, workload, replicas))
+    return plan
 
-    started = time.perf_counter()
-    meta = dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
-        config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
-                    steps_per_epoch=args.steps, global_batch=args.batch, optimizer="Adam(1e-3)",
-                    shuffle=False, metrics=None,
-                    threads=THREADS),
-    )
+
+def _measure_case(case, args, tmp, started, shown_failing):
+    """Every run of one case, methods alternating A B, B A, ..."""
+    backend, strategy, workload, replicas = case
+    methods = [m for m in CASES[(backend, strategy)][1]
+               if (not args.methods or m in args.methods.split(",")) and applies(m, workload, replicas)]
+    # unless --repeats is given: one A B round at 1 replica (for
+    # scaling; --quick: also for CentralStorage), A B B A ... at 2
+    rounds = args.repeats
+    if not args.repeats_given and (replicas == 1 or (args.quick and strategy == "central_storage")):
+        rounds = 1
     runs = []
-    shown_failing = set()
-    tmp = tempfile.mkdtemp(prefix="ks-bench-")
-    try:
-        for backend, strategy, workload, replicas in plan:
-            methods = [m for m in CASES[(backend, strategy)][1]
-                       if (not args.methods or m in args.methods.split(",")) and applies(m, workload, replicas)]
-            # unless --repeats is given: one A B round at 1 replica (for
-            # scaling; --quick: also for CentralStorage), A B B A ... at 2
-            rounds = args.repeats
-            if not args.repeats_given and (
-                    replicas == 1 or (args.quick and strategy == "central_storage")):
-                rounds = 1
-            for repeat in range(rounds):
-                # A B, then B A, ...: a drift of the machine's speed during a
-                # case (seen on shared VMs) then favours neither method
-                for method in (methods if repeat % 2 == 0 else methods[::-1]):
-                    if (backend, strategy, method, workload, replicas) in shown_failing:
-                        continue  # a known native failure, shown once
-                    record = measure(backend, strategy, method, workload, replicas, args, tmp)
-                    record["repeat"] = repeat
-                    runs.append(record)
-                    if native_fails(record):
-                        shown_failing.add((backend, strategy, method, workload, replicas))
-                    thr = record.get("samples_per_s")
-                    shown = f"{median(thr):.0f} samples/s" if thr else record["status"]
-                    print(f"[{time.perf_counter() - started:6.0f}s] {backend:10s} {strategy:12s} "
-                          f"{workload:10s} x{replicas} {method:9s} #{repeat}: {shown} "
-                          f"({record['wall_s']:.0f}s)", flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    results, comparisons, scaling = summarize(runs)
-    meta.update(wall_s=round(time.perf_counter() - started, 1), load_average_after=os.getloadavg())
-    data = dict(meta=meta, results=results, comparisons=comparisons, scaling=scaling, runs=runs)
+    for repeat in range(rounds):
+        # A B, then B A, ...: a drift of the machine's speed during a
+        # case (seen on shared VMs) then favours neither method
+        for method in (methods if repeat % 2 == 0 else methods[::-1]):
+            if (backend, strategy, method, workload, replicas) in shown_failing:
+                continue  # a known native failure, shown once
+            record = measure(backend, strategy, method, workload, replicas, args, tmp)
+            record["repeat"] = repeat
+            runs.append(record)
+            if native_fails(record):
+                shown_failing.add((backend, strategy, method, workload, replicas))
+            thr = record.get("samples_per_s")
+            shown = f"{median(thr):.0f} samples/s" if thr else record["status"]
+            print(f"[{time.perf_counter() - started:6.0f}s] {backend:10s} {strategy:12s} "
+                  f"{workload:10s} x{replicas} {method:9s} #{repeat}: {shown} "
+                  f"({record['wall_s']:.0f}s)", flush=True)
+    return runs
+
+
+def _write(data, args, runs):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(data, f, indent=1)
@@ -426,6 +416,38 @@ def main(argv=None):
         print(f"FAILED {r['backend']} {r['strategy']} {r['method']} x{r['replicas']}:",
               *r.get("output_tail", []), sep="\n  ")
     return 1 if failed else 0
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize, plot=not args.no_plot)
+    workloads = (args.workloads or ("mlp" if args.quick else ",".join(WORKLOADS))).split(",")
+    args.repeats_given = args.repeats is not None
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.epochs = args.epochs or 4
+    args.steps = args.steps or 50
+    plan = _plan(args, workloads, [int(n) for n in args.replicas.split(",")])
+    started = time.perf_counter()
+    meta = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
+        config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
+                    steps_per_epoch=args.steps, global_batch=args.batch, optimizer="Adam(1e-3)",
+                    shuffle=False, metrics=None, threads=THREADS),
+    )
+    runs, shown_failing = [], set()
+    tmp = tempfile.mkdtemp(prefix="ks-bench-")
+    try:
+        for case in plan:
+            runs += _measure_case(case, args, tmp, started, shown_failing)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results, comparisons, scaling = summarize(runs)
+    meta.update(wall_s=round(time.perf_counter() - started, 1), load_average_after=os.getloadavg())
+    data = dict(meta=meta, results=results, comparisons=comparisons, scaling=scaling, runs=runs)
+    return _write(data, args, runs)
 
 
 if __name__ == "__main__":

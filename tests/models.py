@@ -112,3 +112,24 @@ def initial_weights(kind, batch_norm=False):
     model = MODELS[kind](batch_norm=batch_norm)
     model.build((None, FEATURES))
     return model.get_weights()
+
+
+class RecordingCheckpoint(keras.callbacks.ModelCheckpoint):
+    """A ModelCheckpoint that also appends "<pid> <path>" to `record` at each
+    save, so a test can tell which process wrote into which path (a copy made
+    for a non-chief worker records its own pid and its scratch path)."""
+
+    def __init__(self, filepath, record, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.record = record
+
+    def _save_model(self, epoch, batch, logs):
+        super()._save_model(epoch, batch, logs)
+        with open(self.record, "a") as f:
+            f.write(f"{os.getpid()} {self.filepath}\n")
+
+
+def writers(record, path):
+    """The pids that saved into `path`, from a RecordingCheckpoint's record."""
+    with open(record) as f:
+        return {line.split(" ", 1)[0] for line in f.read().splitlines() if line.split(" ", 1)[1] == path}

@@ -242,20 +242,27 @@ def test_a_dead_or_hung_peer_ends_the_job_with_a_clear_error(tmp_path, fault):
 
 
 MIRRORED_SCRIPT = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, {tests!r})
 import keras_strategies as ks
 strategy = ks.Mirrored(devices=["cpu:0", "cpu:1"])
+import keras
 import numpy as np
-from models import build, initial_weights, make_data
+from models import RecordingCheckpoint, build, initial_weights, make_data
 x, y = make_data()
 weights = initial_weights("functional")
 reference = build("functional", weights)
 reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
 model = build("functional", weights)
-model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, distribution=strategy)
+out = {out!r}
+callbacks = [RecordingCheckpoint(os.path.join(out, "ckpt.weights.h5"), os.path.join(out, "saves.txt"),
+                                 save_weights_only=True),
+             keras.callbacks.CSVLogger(os.path.join(out, "log.csv"), append=True)]
+model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=2, callbacks=callbacks,
+          distribution=strategy)
 print("RESULT", json.dumps({{
-    "rank": strategy.worker_index, "replicas": strategy.num_replicas_in_sync,
+    "rank": strategy.worker_index, "replicas": strategy.num_replicas_in_sync, "pid": os.getpid(),
+    "chief": strategy.is_chief, "role": strategy.role,
     "checksum": float(sum(np.sum(w) for w in model.get_weights())),
     "diff": max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), reference.get_weights())),
 }}))
@@ -264,11 +271,15 @@ print("RESULT", json.dumps({{
 
 if BACKEND == "torch":
 
-    def test_torch_mirrored_starts_one_process_per_device(tmp_path):
-        """`python train.py` with Mirrored over 2 devices starts 2 processes."""
+    def test_torch_mirrored_starts_one_process_per_device_with_chief_only_output(tmp_path):
+        """`python train.py` with Mirrored over 2 devices starts 2 processes,
+        which obey the multi-process rules: only the chief prints progress and
+        writes into the user's paths."""
+        from models import writers
+
         script = os.path.join(tmp_path, "train.py")
         with open(script, "w") as f:
-            f.write(MIRRORED_SCRIPT.format(tests=HERE))
+            f.write(MIRRORED_SCRIPT.format(tests=HERE, out=str(tmp_path)))
         process = subprocess.Popen([sys.executable, script], env=base_env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -285,3 +296,11 @@ if BACKEND == "torch":
         assert [r["rank"] for r in results] == [0, 1], text[-3000:]
         assert all(r["replicas"] == 2 and r["diff"] < 1e-5 for r in results)
         assert results[0]["checksum"] == results[1]["checksum"]
+        assert [(r["chief"], r["role"]) for r in results] == [(True, "chief"), (False, "worker")]
+        # the chief alone saved into the user's path (the other into its scratch
+        # directory), appended the CSV log, and printed progress
+        assert writers(os.path.join(tmp_path, "saves.txt"), os.path.join(tmp_path, "ckpt.weights.h5")) == {
+            str(results[0]["pid"])}
+        with open(os.path.join(tmp_path, "log.csv")) as f:
+            assert len(f.read().strip().splitlines()) == 3  # one header, two epochs
+        assert text.count("Epoch 1/2") == 1

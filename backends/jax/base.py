@@ -15,7 +15,7 @@ import contextlib
 import jax
 import keras
 
-from keras_strategies.devices import check_available, parse_device
+from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.model_state import (
@@ -74,18 +74,13 @@ class JaxImplementation(Implementation):
         """The devices used when none are asked for: the first one."""
         return [keras.distribution.list_devices(jax.default_backend())[0]]
 
-    def resolve_devices(self, requested):
-        if requested is None:
-            return self.default_devices()
-        kind = parse_device(requested[0])[0]
+    def available_devices(self, kind, requested):
         if kind == "cpu":
             ensure_cpu_devices(max(parse_device(d)[1] for d in requested) + 1, self.name)
         try:
-            available = keras.distribution.list_devices(kind)
+            return keras.distribution.list_devices(kind), ""
         except RuntimeError:
-            available = []  # JAX has no such platform here
-        check_available(requested, available, self.name, self.backend)
-        return requested
+            return [], ""  # JAX has no such platform here
 
     def scope(self):
         return self.native.scope()

@@ -1,30 +1,15 @@
 """JAX, one machine: `Default` (no distribution), `OneDevice` and `Mirrored`
 (`keras.distribution.DataParallel` over one device or several)."""
 
-import contextlib
-
 from keras_strategies.backends.jax.base import JaxImplementation, accelerators
+from keras_strategies.implementation.base import NoDistribution
 
 
-class JaxDefault(JaxImplementation):
+class JaxDefault(NoDistribution, JaxImplementation):
     """No distribution at all: Keras's own single-device path."""
-
-    keras_patches = ()
 
     def make_distribution(self):
         return None
-
-    def scope(self):
-        return contextlib.nullcontext()
-
-    def attach(self, model):
-        pass
-
-    def detach(self, model):
-        pass
-
-    def run_context(self, model):
-        return contextlib.nullcontext()
 
 
 class JaxOneDevice(JaxImplementation):

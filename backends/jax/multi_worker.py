@@ -69,7 +69,7 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
     def num_replicas_in_sync(self):
         return len(keras.distribution.list_devices())
 
-    def resolve_devices(self, requested):
+    def default_devices(self):
         return [f"{d.platform}:{d.id}" for d in jax.local_devices()]
 
     def place(self, value, sharding):

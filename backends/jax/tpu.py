@@ -44,7 +44,7 @@ class JaxTPU(JaxImplementation):
         self._found = [f"{d.platform}:{d.id}" for d in found]
         super().__init__(strategy, None)
 
-    def resolve_devices(self, requested):
+    def default_devices(self):
         return list(self._found)
 
 

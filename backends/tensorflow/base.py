@@ -20,7 +20,7 @@ import tensorflow as tf
 from keras.src.layers.normalization.batch_normalization import BatchNormalization
 
 from keras_strategies.backends.tensorflow.keras_fixes import local_value, share_weighted_train_step
-from keras_strategies.devices import check_available, parse_device
+from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.model_state import (
@@ -140,23 +140,19 @@ class TFImplementation(Implementation):
     backend = "tensorflow"
     keras_patches = ("tf-loss-share",)
 
+    @property
+    def num_replicas_in_sync(self):
+        return self.native.num_replicas_in_sync
+
     def default_devices(self):
         """The devices used when none are asked for: the first GPU, else the CPU."""
         return ["gpu:0" if gpu_count() else "cpu:0"]
 
-    def resolve_devices(self, requested):
-        if requested is None:
-            return self.default_devices()
-        kind = parse_device(requested[0])[0]
+    def available_devices(self, kind, requested):
         if kind == "cpu":
             ensure_logical_cpus(max(parse_device(d)[1] for d in requested) + 1, self.name)
-            available = [f"cpu:{i}" for i in range(logical_cpu_count())]
-        elif kind == "gpu":
-            available = [f"gpu:{i}" for i in range(gpu_count())]
-        else:
-            available = []
-        check_available(requested, available, self.name, self.backend)
-        return requested
+            return [f"cpu:{i}" for i in range(logical_cpu_count())], ""
+        return ([f"gpu:{i}" for i in range(gpu_count())] if kind == "gpu" else []), ""
 
     @contextlib.contextmanager
     def scope(self):

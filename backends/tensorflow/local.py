@@ -1,35 +1,20 @@
 """TensorFlow, one machine: `Default`, `OneDevice` and `Mirrored` are the
 default strategy, `OneDeviceStrategy` and `MirroredStrategy`."""
 
-import contextlib
-
 import tensorflow as tf
 
 from keras_strategies.backends.tensorflow.base import TFImplementation, gpu_count, tf_device
+from keras_strategies.implementation.base import NoDistribution
 
 _mirrored_strategies = {}
 
 
-class TFDefault(TFImplementation):
+class TFDefault(NoDistribution, TFImplementation):
     """TensorFlow's default strategy: nothing to place, scope or fix."""
-
-    keras_patches = ()
 
     def __init__(self, strategy, devices):
         super().__init__(strategy, devices)
         self.native = tf.distribute.get_strategy()
-
-    def scope(self):
-        return contextlib.nullcontext()
-
-    def attach(self, model):
-        pass
-
-    def detach(self, model):
-        pass
-
-    def run_context(self, model):
-        return contextlib.nullcontext()
 
 
 class TFOneDevice(TFImplementation):

@@ -55,11 +55,7 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
                 ) from error
         self.native = _native["strategy"]
 
-    @property
-    def num_replicas_in_sync(self):
-        return self.native.num_replicas_in_sync
-
-    def resolve_devices(self, requested):
+    def default_devices(self):
         return [f"gpu:{i}" for i in range(gpu_count())] or ["cpu:0"]
 
     def prepare_call(self, model, method, arguments):

@@ -61,11 +61,7 @@ class TFTPU(TFImplementation):
         super().__init__(strategy, None)
         self.native = TPUStrategy(resolver)
 
-    @property
-    def num_replicas_in_sync(self):
-        return self.native.num_replicas_in_sync
-
-    def resolve_devices(self, requested):
+    def default_devices(self):
         return list(self._cores)
 
 

@@ -3,7 +3,7 @@
 import torch
 from keras.src.backend.torch import core as torch_core
 
-from keras_strategies.devices import check_available, parse_device
+from keras_strategies.devices import parse_device
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.model_state import state_variables
 
@@ -35,15 +35,10 @@ class TorchImplementation(Implementation):
         """The devices used when none are asked for: the first GPU, else the CPU."""
         return ["gpu:0" if torch.cuda.device_count() else "cpu:0"]
 
-    def resolve_devices(self, requested):
-        if requested is None:
-            return self.default_devices()
-        kind = parse_device(requested[0])[0]
-        gpus = [f"gpu:{i}" for i in range(torch.cuda.device_count())]
-        available = {"cpu": ["cpu:0"], "gpu": gpus}.get(kind, [])
-        hint = "PyTorch has one CPU device, 'cpu:0'." if kind == "cpu" else ""
-        check_available(requested, available, self.name, self.backend, hint)
-        return requested
+    def available_devices(self, kind, requested):
+        if kind == "cpu":
+            return ["cpu:0"], "PyTorch has one CPU device, 'cpu:0'."
+        return ([f"gpu:{i}" for i in range(torch.cuda.device_count())] if kind == "gpu" else []), ""
 
     def scope(self):
         return torch_core.device_scope(str(self.native))

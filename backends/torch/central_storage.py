@@ -98,10 +98,10 @@ class TorchCentralStorage(TorchImplementation):
     def default_devices(self):
         return [f"gpu:{i}" for i in range(torch.cuda.device_count())] or ["cpu:0"]
 
-    def resolve_devices(self, requested):
-        if requested is not None and requested[0].startswith("cpu"):
-            return requested  # replicas on the one CPU device, each its own copy
-        return super().resolve_devices(requested)
+    def available_devices(self, kind, requested):
+        if kind == "cpu":  # replicas on the one CPU device, each its own copy
+            return list(requested), ""
+        return super().available_devices(kind, requested)
 
     @contextlib.contextmanager
     def run_context(self, model):

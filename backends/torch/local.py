@@ -15,7 +15,7 @@ from keras_strategies.implementation.multi_process import default_timeout, proce
 
 
 class TorchDefault(TorchImplementation):
-    """Keras's own placement, untouched."""
+    """The backend's default device, without a device scope."""
 
     def scope(self):
         return contextlib.nullcontext()

@@ -39,16 +39,15 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
     def num_replicas_in_sync(self):
         return self.cluster.world_size
 
-    def resolve_devices(self, requested):
-        if requested:  # Mirrored: every local device, one per process
-            available = [f"gpu:{i}" for i in range(torch.cuda.device_count())]
-            for device in requested:
-                if device.startswith("gpu") and device not in available:
-                    raise self.unsupported(f"unknown device {device}; this machine has {available}")
-            return requested
+    def default_devices(self):
         if torch.cuda.is_available():
             return [f"gpu:{self.cluster.local_rank % torch.cuda.device_count()}"]
         return ["cpu:0"]
+
+    def available_devices(self, kind, requested):
+        if kind == "cpu":  # Mirrored over CPU "devices": one process each, all on the CPU
+            return list(requested), ""
+        return super().available_devices(kind, requested)
 
     def _init_process_group(self):
         if not self.cluster.coordinator:

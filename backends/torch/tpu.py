@@ -46,14 +46,15 @@ class TorchTPU(TorchCentralStorage):
             ) from None
         if not found:
             raise self.unsupported("torch_xla found no TPU devices", "Run on a Cloud TPU VM (PJRT_DEVICE=TPU).")
-        Implementation.__init__(self, strategy, [name for name, _ in found])
+        self._found = [name for name, _ in found]
+        Implementation.__init__(self, strategy, None)
         self.storage_device = self.devices[0]
         self.replica_devices = [device for _, device in found]
         self.native = self.replica_devices[0]
         self.last_step = None
 
-    def resolve_devices(self, requested):
-        return requested
+    def default_devices(self):
+        return list(self._found)
 
 
 IMPLEMENTATIONS = {"TPU": TorchTPU}

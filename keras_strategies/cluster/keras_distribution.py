@@ -60,21 +60,9 @@ def read(env):
         return ClusterSpec(source="KERAS_DISTRIBUTION")
     addresses, hosts = _addresses(raw, world)
     if len(addresses) == world:
-        local_rank, local_world, node_rank = locality(hosts, rank)
+        where = locality(hosts, rank)
     elif is_loopback(hosts[0]):
-        # Only the coordinator is given, on loopback: every process is here.
-        local_rank, local_world, node_rank = rank, world, 0
+        where = (rank, world, 0)  # only the coordinator is given, on loopback: every process is here
     else:
-        # Only the coordinator is given: one process per machine (JAX's habit).
-        local_rank, local_world, node_rank = 0, 1, rank
-    return ClusterSpec(
-        rank=rank,
-        world_size=world,
-        local_rank=local_rank,
-        local_world_size=local_world,
-        node_rank=node_rank,
-        coordinator=addresses[0],
-        source="KERAS_DISTRIBUTION",
-        task_type="worker",
-        task_index=rank,
-    )
+        where = (0, 1, rank)  # only the coordinator is given: one process per machine (JAX's habit)
+    return ClusterSpec.worker(rank, world, where, addresses[0], "KERAS_DISTRIBUTION")

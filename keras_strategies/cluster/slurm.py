@@ -136,14 +136,6 @@ def read(env):
             f"SLURM_LOCALID={local_rank} is not below the {local_world} task(s) "
             "per node (SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE): fix them."
         )
-    return ClusterSpec(
-        rank=rank,
-        world_size=tasks,
-        local_rank=local_rank,
-        local_world_size=local_world,
-        node_rank=rank // local_world if node_rank is None else node_rank,
-        coordinator=_coordinator(env, tasks, hosts),
-        source="SLURM",
-        task_type="worker",
-        task_index=rank,
-    )
+    node_rank = rank // local_world if node_rank is None else node_rank
+    return ClusterSpec.worker(rank, tasks, (local_rank, local_world, node_rank),
+                              _coordinator(env, tasks, hosts), "SLURM")

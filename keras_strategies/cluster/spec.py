@@ -43,6 +43,25 @@ class ClusterSpec:
     task_index: int = 0
     tf_cluster: dict | None = dataclasses.field(default=None, hash=False)
 
+    @classmethod
+    def worker(cls, rank, world_size, locality, coordinator, source):
+        """The spec of training process `rank` from a source that knows no
+        task types (every source but TF_CONFIG).
+
+        Args:
+            rank, world_size: this process and the number of processes.
+            locality: `(local_rank, local_world_size, node_rank)`.
+            coordinator: rank 0's `"host:port"`, or `None`.
+            source: the source's name.
+
+        Returns:
+            A `ClusterSpec` with `task_type="worker"` and `task_index=rank`.
+        """
+        local_rank, local_world_size, node_rank = locality
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank,
+                   local_world_size=local_world_size, node_rank=node_rank,
+                   coordinator=coordinator, source=source, task_type="worker", task_index=rank)
+
     @property
     def is_chief(self):
         """`True` for rank 0, the process that logs and writes files."""

@@ -76,15 +76,4 @@ def read(env):
     if get(env, "RANK") is None and get(env, "WORLD_SIZE") is None:
         return None
     rank, world = _rank_and_world(env)
-    local_rank, local_world, node_rank = _locality(env, rank, world)
-    return ClusterSpec(
-        rank=rank,
-        world_size=world,
-        local_rank=local_rank,
-        local_world_size=local_world,
-        node_rank=node_rank,
-        coordinator=_coordinator(env, world),
-        source="torchrun",
-        task_type="worker",
-        task_index=rank,
-    )
+    return ClusterSpec.worker(rank, world, _locality(env, rank, world), _coordinator(env, world), "torchrun")

@@ -11,7 +11,7 @@ import abc
 import contextlib
 
 from keras_strategies import patches
-from keras_strategies.devices import normalize_devices
+from keras_strategies.devices import check_available, normalize_devices, parse_device
 from keras_strategies.errors import unsupported
 
 
@@ -50,7 +50,6 @@ class Implementation(abc.ABC):
         """How many replicas each global batch is split over."""
         return len(self.devices)
 
-    @abc.abstractmethod
     def resolve_devices(self, requested):
         """Returns the devices to use, as canonical Keras names.
 
@@ -58,8 +57,30 @@ class Implementation(abc.ABC):
             requested: canonical names the user asked for, or `None`.
 
         Returns:
-            A list of canonical device names.
+            `default_devices()` when none were asked for; else the ones asked
+            for, checked against `available_devices`.
         """
+        if requested is None:
+            return self.default_devices()
+        kind = parse_device(requested[0])[0]
+        available, hint = self.available_devices(kind, requested)
+        check_available(requested, available, self.name, self.backend, hint)
+        return requested
+
+    @abc.abstractmethod
+    def default_devices(self):
+        """The devices used when none are asked for (canonical names)."""
+
+    def available_devices(self, kind, requested):
+        """`(names, hint)`: the devices of one type this backend has here, and
+        a sentence for the error when a requested one is missing.
+
+        Args:
+            kind: `"cpu"`, `"gpu"` or `"tpu"`.
+            requested: the canonical names asked for (a backend may make more
+                CPU devices for them while it has not started).
+        """
+        return [], ""
 
     def unsupported(self, missing, fix=None):
         """The `UnsupportedStrategyError` naming this strategy and backend."""
@@ -114,3 +135,21 @@ class Implementation(abc.ABC):
             if not attached:
                 self.detach(model)
         return result
+
+
+class NoDistribution:
+    """A mixin for `Default`: no scope, nothing to lay out, nothing to fix."""
+
+    keras_patches = ()
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def attach(self, model):
+        pass
+
+    def detach(self, model):
+        pass
+
+    def run_context(self, model):
+        return contextlib.nullcontext()
