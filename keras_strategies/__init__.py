@@ -51,6 +51,7 @@ def _load():
         Mirrored,
         MultiWorkerMirrored,
         OneDevice,
+        ParameterServer,
         Strategy,
         current_strategy,
     )
@@ -70,6 +71,7 @@ __all__ = [
     "Mirrored",
     "MultiWorkerMirrored",
     "OneDevice",
+    "ParameterServer",
     "Strategy",
     "StrategyError",
     "TPU",

@@ -76,11 +76,12 @@ PATCHES = (
            "keras.src.losses.loss:unscale_loss_for_distribution"),
           _FIXES.format("tensorflow", "share_scaled_loss"), "run", _TF,
           "Keras scales each replica's loss by 1/replicas, wrong for an unevenly split last batch."),
-    Patch("tf-aggregating-assign",
+    Patch("tf-native-assign-add",
           ("keras.src.backend.tensorflow.core:Variable.assign_add",
            "keras.src.backend.tensorflow.core:Variable.assign_sub"),
-          _FIXES.format("tensorflow", "aggregating_update"), "run", _TF,
-          "assign(x + d) on a SUM AggregatingVariable (CentralStorage metrics) counts x once per replica."),
+          _FIXES.format("tensorflow", "native_assign_add"), "run", _TF,
+          "Keras's assign_add is assign(x + d): counted once per replica on CentralStorage's SUM "
+          "variables, and not atomic on a parameter server (asynchronous updates were lost)."),
     Patch("keras-20585-symbolic-build",
           ("keras.src.backend.tensorflow.trainer:TensorFlowTrainer._maybe_symbolic_build",),
           _FIXES.format("tensorflow", "local_batch_symbolic_build"), "run", _TF,
@@ -128,6 +129,9 @@ PATCHES = (
           "Keras's torch Adam runs ten _foreach passes a step; torch's fused kernel computes the same."),
     Patch("torch-replicated-call", ("Model.call",), "", "model", _TORCH,
           "CentralStorage runs one replica of the model per compute device."),
+    Patch("ps-capture-gradients", ("Optimizer.apply", "Optimizer.stateless_apply"), "", "model",
+          ("torch", "jax"),
+          "A ParameterServer worker sends its gradients to the servers instead of applying them."),
 )
 _BY_NAME = {patch.name: patch for patch in PATCHES}
 

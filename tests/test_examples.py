@@ -14,16 +14,22 @@ ARGS = {
     "mirrored.py": ["--epochs", "1"],
     "central_storage.py": ["--epochs", "1", "--devices", "cpu:0,cpu:1"],
     "multi_worker.py": ["--epochs", "1"],
+    "parameter_server.py": ["--epochs", "3"],
 }
 # two replicas everywhere (on torch, Mirrored starts one process per device)
 ARGS["mirrored.py"] += ["--devices", "cpu:0,cpu:1"]
 # examples started the way their docstring says, through the launcher
-LAUNCHER = {"multi_worker.py": ["-m", "keras_strategies.launch", "--nproc-per-node", "2"]}
+LAUNCHER = {
+    "multi_worker.py": ["-m", "keras_strategies.launch", "--nproc-per-node", "2"],
+    # a chief, 2 workers and 1 parameter server
+    "parameter_server.py": ["-m", "keras_strategies.launch", "--nproc-per-node", "4", "--num-ps", "1"],
+}
 # What each example prints on success here ("accuracy" unless listed): there
 # is no TPU on the test machines, so tpu.py must say what it needs and exit 0.
 EXPECTED = {
     "tpu.py": "This example needs a TPU, and cannot run here: TPU on the",
     "multi_worker.py": "[rank 1] worker 1/2: backend",
+    "parameter_server.py": "[chief] chief: backend",
 }
 
 

@@ -50,17 +50,19 @@ def share_weighted_train_step(train_step):
     return step
 
 
-# -- tf-aggregating-assign ----------------------------------------------------
-def aggregating_update(original):
+# -- tf-native-assign-add -----------------------------------------------------
+def native_assign_add(original):
     """Keras implements `Variable.assign_add(delta)` as `assign(self + delta)`.
     On an `AggregatingVariable` with SUM aggregation (every metric's total and
     count under CentralStorage), each replica's `assign(old + delta_i)` is
-    summed into `2 * old + sum(delta)`; TensorFlow's own `assign_add` reduces
-    the deltas instead."""
+    summed into `2 * old + sum(delta)`; on a parameter server's variable two
+    workers' read-modify-writes interleave and one is lost. TensorFlow's own
+    `assign_add` reduces the deltas, and is one atomic op on the server."""
     name = original.__name__
+    native = (ps_values.AggregatingVariable, ps_values.CachingVariable)
 
     def update(self, value):
-        if in_stateless_scope() or not isinstance(self._value, ps_values.AggregatingVariable):
+        if in_stateless_scope() or not isinstance(self._value, native):
             return original(self, value)
         value = self._convert_to_tensor(value, dtype=self._dtype)
         getattr(self._value, name)(value)

@@ -14,22 +14,30 @@ When several are set, the first in this order wins: TF_CONFIG, torchrun,
 KERAS_DISTRIBUTION, SLURM; the others must agree with it on rank and world
 size. Nothing set means one process (`source="none"`).
 
+Parameter servers: TF_CONFIG's `"ps"` tasks; with any other source,
+`KERAS_STRATEGIES_NUM_PS=N` makes the last N processes parameter servers,
+rank 0 the chief and the others workers (`keras-strategies launch --num-ps N`
+sets it).
+
 This package imports no backend: the launcher and every backend share it.
 """
 
 import os
 
 from keras_strategies.cluster import keras_distribution, slurm, tf_config, torchrun
-from keras_strategies.cluster.spec import TASK_TYPES, ClusterError, ClusterSpec, get
+from keras_strategies.cluster.spec import TASK_TYPES, ClusterError, ClusterSpec, get, read_int
 
 SOURCES = ("TF_CONFIG", "torchrun", "KERAS_DISTRIBUTION", "SLURM")
+# With a source other than TF_CONFIG: how many of the job's processes (the
+# last ones) are parameter servers.
+NUM_PS_VARIABLE = "KERAS_STRATEGIES_NUM_PS"
 # Variables set by a launcher that starts several ranks per SLURM task
 # (torchrun, `keras-strategies launch`): SLURM then describes the launcher.
 LAUNCHER_MARKERS = ("KERAS_STRATEGIES_LAUNCHED", "TORCHELASTIC_RUN_ID")
 # The sources' modules, in precedence order.
 _READERS = (tf_config, torchrun, keras_distribution, slurm)
 
-__all__ = ["SOURCES", "TASK_TYPES", "ClusterError", "ClusterSpec", "resolve_cluster"]
+__all__ = ["NUM_PS_VARIABLE", "SOURCES", "TASK_TYPES", "ClusterError", "ClusterSpec", "resolve_cluster"]
 
 
 def _launched(env):
@@ -59,6 +67,15 @@ def resolve_cluster(environ=None):
     (1, 2, '127.0.0.1:29500', False)
     """
     env = os.environ if environ is None else environ
+    spec = _resolve(env)
+    if get(env, NUM_PS_VARIABLE) is not None and spec.source not in ("TF_CONFIG", "none"):
+        num_ps = read_int(env, NUM_PS_VARIABLE, "the number of parameter-server processes")
+        if num_ps:
+            spec = spec.with_parameter_servers(num_ps, NUM_PS_VARIABLE)
+    return spec
+
+
+def _resolve(env):
     found = []
     for reader in _READERS:
         if reader is slurm and found and _launched(env):

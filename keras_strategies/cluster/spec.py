@@ -30,6 +30,8 @@ class ClusterSpec:
         task_index: index within `task_type` (the rank outside TF_CONFIG).
         tf_cluster: TF_CONFIG's `"cluster"` dict when the source is
             TF_CONFIG, else `None`.
+        num_ps: the number of parameter-server processes (TF_CONFIG's
+            `"ps"` tasks, or `KERAS_STRATEGIES_NUM_PS` with another source).
     """
 
     rank: int = 0
@@ -42,6 +44,7 @@ class ClusterSpec:
     task_type: str = "worker"
     task_index: int = 0
     tf_cluster: dict | None = dataclasses.field(default=None, hash=False)
+    num_ps: int = 0
 
     @classmethod
     def worker(cls, rank, world_size, locality, coordinator, source):
@@ -61,6 +64,44 @@ class ClusterSpec:
         return cls(rank=rank, world_size=world_size, local_rank=local_rank,
                    local_world_size=local_world_size, node_rank=node_rank,
                    coordinator=coordinator, source=source, task_type="worker", task_index=rank)
+
+    def with_parameter_servers(self, num_ps, variable):
+        """This spec in a job whose last `num_ps` processes are parameter
+        servers: rank 0 becomes the `"chief"`, ranks 1.. the `"worker"`s
+        (task index rank - 1), the last `num_ps` the `"ps"` tasks (rank -1,
+        as for TF_CONFIG).
+
+        Args:
+            num_ps: the number of parameter servers.
+            variable: the variable it was read from, named in errors.
+
+        Returns:
+            A new `ClusterSpec`.
+        """
+        total = self.world_size
+        if total < num_ps + 2:
+            raise ClusterError(
+                f"{variable}={num_ps} leaves no worker: this job has {total} process(es), and a "
+                f"parameter-server job needs a chief, at least one worker and {num_ps} parameter "
+                f"server(s): start at least {num_ps + 2} processes, or lower {variable}."
+            )
+        world = total - num_ps
+        if self.rank >= world:
+            task_type, index, rank, local_rank, node_rank = "ps", self.rank - world, -1, -1, -1
+        else:
+            task_type = "chief" if self.rank == 0 else "worker"
+            index, rank = max(0, self.rank - 1), self.rank
+            local_rank, node_rank = self.local_rank, self.node_rank
+        return dataclasses.replace(
+            self, rank=rank, world_size=world, local_rank=local_rank, node_rank=node_rank,
+            task_type=task_type, task_index=index, num_ps=num_ps)
+
+    @property
+    def process_index(self):
+        """This process's index among every process of the job, parameter
+        servers included (after the training processes): what an engine that
+        numbers every process (torch.distributed.rpc) calls its rank."""
+        return self.world_size + self.task_index if self.task_type == "ps" else self.rank
 
     @property
     def is_chief(self):

@@ -125,4 +125,5 @@ def read(env):
         task_type=task_type,
         task_index=index,
         tf_cluster={k: list(v) for k, v in cluster.items()},
+        num_ps=len(cluster.get("ps", [])),
     )

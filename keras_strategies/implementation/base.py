@@ -45,6 +45,10 @@ class Implementation(abc.ABC):
     is_chief = True
     role = "chief"
 
+    def describe(self):
+        """This process in messages: `"the chief"`, `"worker 1"`, `"ps 0"`."""
+        return "the chief" if self.role == "chief" else f"{self.role} {self.worker_index}"
+
     @property
     def num_replicas_in_sync(self):
         """How many replicas each global batch is split over."""

@@ -46,7 +46,7 @@ def _num_examples(x):
     return int(keras.tree.flatten(x)[0].shape[0])
 
 
-def _take(structure, indices):
+def take(structure, indices):
     if structure is None:
         return None
     return keras.tree.map_structure(lambda a: np.asarray(a)[indices], structure)
@@ -113,7 +113,7 @@ class ShuffledShards(keras.utils.PyDataset):
         size = min(self.global_batch, self.n - start)
         lo, hi = chunk_bounds(size, self.rank, self.world)
         idx = self.order[start + lo:start + hi]
-        x, y, weights = (_take(a, idx) for a in (self.x, self.y, self.sample_weight))
+        x, y, weights = (take(a, idx) for a in (self.x, self.y, self.sample_weight))
         if weights is not None:
             return x, y, weights
         return (x, y) if y is not None else (x,)
@@ -175,7 +175,7 @@ def shard_input(x, y, sample_weight, batch_size, shuffle, rank, world, strategy,
             data = ShuffledShards(x, y, sample_weight, global_batch, rank, world, seed)
             return data, None, None, None, False
         idx = worker_indices(n, global_batch, rank, world)
-        return _take(x, idx), _take(y, idx), _take(sample_weight, idx), local_batch, False
+        return take(x, idx), take(y, idx), take(sample_weight, idx), local_batch, False
     if isinstance(x, keras.utils.PyDataset):
         return BatchChunks(x, rank, world), y, sample_weight, batch_size, shuffle
     chunked = _chunk_framework_dataset(x, rank, world)

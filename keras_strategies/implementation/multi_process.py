@@ -157,7 +157,7 @@ class MultiProcessImplementation(Implementation):
         """The `WorkerError` every survivor raises when a peer dies or hangs."""
         text = str(error).strip().splitlines()
         return WorkerError(
-            f"{self.name} on the {self.backend} backend: worker {self.worker_index} lost "
+            f"{self.name} on the {self.backend} backend: {self.describe()} lost "
             f"contact with its peers (one died or hung; waited up to {self.timeout:.0f}s): "
             f"{text[0] if text else repr(error)}. See the other workers' output; timeout= "
             "(or KERAS_STRATEGIES_TIMEOUT) sets how long to wait."
@@ -165,7 +165,13 @@ class MultiProcessImplementation(Implementation):
 
     def join_error(self, error):
         """The `WorkerError` for a process group that could not be formed."""
-        return join_error(self.name, self.backend, self.cluster, self.timeout, error)
+        cluster = self.cluster
+        return WorkerError(
+            f"{self.name} on the {self.backend} backend: {self.describe()} could not join the job's "
+            f"{cluster.world_size + cluster.num_ps} processes at {cluster.coordinator} within "
+            f"{self.timeout:.0f}s ({error}). Check that every process started (the chief first: it "
+            "hosts the meeting point), that they agree on the address, and that the port is free."
+        )
 
     def _scratch_dir(self):
         if self._scratch is None:

@@ -72,7 +72,7 @@ class Watchdog:
                 s = self.implementation
                 sys.stderr.write(
                     f"keras_strategies.WorkerError: {s.name} on the {s.backend} "
-                    f"backend: worker {s.worker_index} lost contact with its peers: no "
+                    f"backend: {s.describe()} lost contact with its peers: no "
                     f"step finished for {idle:.0f}s (a worker died or hung). Ending this "
                     f"worker (exit code {WORKER_LOST_EXIT_CODE}). See the other workers' output; "
                     "timeout= (or KERAS_STRATEGIES_TIMEOUT) sets how long to wait.\n"

@@ -25,6 +25,9 @@ def _parser(prog):
     parser.add_argument("--master", metavar="ADDR:PORT", default=None,
                         help="rank 0's rendezvous address; required with --nnodes > 1; "
                         "default 127.0.0.1 and a free port")
+    parser.add_argument("--num-ps", "--num_ps", type=int, default=0, metavar="N",
+                        help="ParameterServer: the last N processes of the job are parameter servers "
+                        "(rank 0 is the chief, the others workers)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop every rank and exit 124 after this many seconds")
     parser.add_argument("-m", "--module", action="store_true",
@@ -65,6 +68,7 @@ def main(argv=None, prog="python -m keras_strategies.launch"):
             master=args.master,
             timeout=args.timeout,
             prefix_output=not args.no_prefix,
+            num_ps=args.num_ps,
         )
     except ClusterError as error:
         sys.stderr.write(f"{prog}: error: {error}\n")

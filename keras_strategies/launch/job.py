@@ -37,11 +37,16 @@ def _describe_exit(code):
 class Job:
     """The ranks of this machine: start, watch, stop, reap."""
 
-    def __init__(self, command, environments, prefix_output):
+    def __init__(self, command, environments, prefix_output, labels=None, expendable=()):
         self.command = command
         self.environments = environments
         self.prefix_output = prefix_output
         self.ranks = [int(e["RANK"]) for e in environments]
+        # how each rank's output lines are prefixed ("rank 3", "worker 1", "ps 0")
+        self.labels = labels or [f"rank {rank}" for rank in self.ranks]
+        # ranks whose failure the job survives (ParameterServer workers)
+        self.expendable = set(expendable)
+        self.lost = set()
         self.procs = []
         self.readers = []
         self.write_lock = threading.Lock()
@@ -102,7 +107,7 @@ class Job:
                 for stream, target in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
                     reader = threading.Thread(
                         target=self._copy_lines,
-                        args=(stream, target, f"[rank {rank}] "),
+                        args=(stream, target, f"[{self.labels[len(self.procs) - 1]}] "),
                         daemon=True,
                     )
                     reader.start()
@@ -127,16 +132,23 @@ class Job:
                 say(f"got {signal.Signals(signum).name}; stopping all ranks.")
                 return 128 + signum
             codes = [proc.poll() for proc in self.procs]
-            for rank, proc, code in zip(self.ranks, self.procs, codes):
-                if code not in (None, 0):
-                    what, exit_code = _describe_exit(code)
-                    say(
-                        f"rank {rank} (pid {proc.pid}) {what}; stopping the other "
-                        "ranks. Its last output is above, prefixed with "
-                        f"[rank {rank}]."
-                    )
-                    return exit_code
-            if len(self.procs) == len(self.ranks) and all(c == 0 for c in codes):
+            for rank, label, proc, code in zip(self.ranks, self.labels, self.procs, codes):
+                if code in (None, 0) or rank in self.lost:
+                    continue
+                what, exit_code = _describe_exit(code)
+                if rank in self.expendable:
+                    self.lost.add(rank)
+                    say(f"{label} (rank {rank}, pid {proc.pid}) {what}; the job goes on without it "
+                        f"(its last output is above, prefixed with [{label}]).")
+                    continue
+                say(
+                    f"{label} (pid {proc.pid}) {what}; stopping the other "
+                    "ranks. Its last output is above, prefixed with "
+                    f"[{label}]."
+                )
+                return exit_code
+            done = [c == 0 or r in self.lost for r, c in zip(self.ranks, codes)]
+            if len(self.procs) == len(self.ranks) and all(done):
                 return 0
             if deadline is not None and time.monotonic() >= deadline:
                 say(

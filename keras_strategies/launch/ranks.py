@@ -9,8 +9,9 @@ divided among the local ranks (see `rank_thread_settings`).
 
 import os
 
-from keras_strategies.errors import ClusterError, LaunchError
+from keras_strategies.cluster import NUM_PS_VARIABLE
 from keras_strategies.cluster.spec import split_address
+from keras_strategies.errors import ClusterError, LaunchError
 from keras_strategies.launch.job import Job
 from keras_strategies.launch.ports import free_port, port_in_use
 
@@ -127,6 +128,7 @@ def launch(
     env=None,
     timeout=None,
     prefix_output=True,
+    num_ps=0,
 ):
     """Starts this machine's ranks of a job and waits for them.
 
@@ -145,8 +147,14 @@ def launch(
         timeout: seconds after which every rank is stopped and the launcher
             returns 124; `None` waits for ever.
         prefix_output: prefix each line of each rank's stdout and stderr with
-            `[rank K] `; `False` lets the ranks write to the launcher's own
-            streams.
+            `[rank K] ` (`[chief] `, `[worker K] `, `[ps K] ` with `num_ps`);
+            `False` lets the ranks write to the launcher's own streams.
+        num_ps: how many of the job's processes (the last ones) are
+            parameter servers, for `ParameterServer` (sets
+            `KERAS_STRATEGIES_NUM_PS`); rank 0 is then the chief and the
+            others are workers. A worker that fails does not stop the job
+            (the chief gives its work to the others); the chief or a
+            parameter server failing does.
 
     Returns:
         The exit code the CLI exits with: 0 when every rank exits 0; else the
@@ -167,15 +175,43 @@ def launch(
     """
     command = list(command) if isinstance(command, (list, tuple)) else command
     _check_options(command, nproc_per_node, nnodes, node_rank, timeout)
+    world_size = nnodes * nproc_per_node
+    _check_num_ps(num_ps, world_size)
     base = _base_environment(env)
     addr, port = _resolve_master(master, nnodes, node_rank)
     base.update(rank_thread_settings(nproc_per_node, base))
+    if num_ps:
+        base[NUM_PS_VARIABLE] = str(num_ps)
+    ranks = [node_rank * nproc_per_node + local_rank for local_rank in range(nproc_per_node)]
     environments = [
-        rank_environment(base, node_rank * nproc_per_node + local_rank, nnodes * nproc_per_node,
-                         local_rank, nproc_per_node, node_rank, f"{addr}:{port}")
-        for local_rank in range(nproc_per_node)
+        rank_environment(base, rank, world_size, local_rank, nproc_per_node, node_rank, f"{addr}:{port}")
+        for local_rank, rank in enumerate(ranks)
     ]
-    return Job(command, environments, prefix_output).run(timeout)
+    labels = [role_label(rank, world_size, num_ps) for rank in ranks]
+    workers = [rank for rank, label in zip(ranks, labels) if num_ps and label.startswith("worker")]
+    return Job(command, environments, prefix_output, labels, expendable=workers).run(timeout)
+
+
+def role_label(rank, world_size, num_ps):
+    """How the launcher names a rank in its output: `"rank K"`, or with
+    parameter servers `"chief"`, `"worker K"`, `"ps K"`."""
+    if not num_ps:
+        return f"rank {rank}"
+    training = world_size - num_ps
+    if rank == 0:
+        return "chief"
+    return f"worker {rank - 1}" if rank < training else f"ps {rank - training}"
+
+
+def _check_num_ps(num_ps, world_size):
+    if not isinstance(num_ps, int) or num_ps < 0:
+        raise LaunchError(f"--num-ps must be an integer >= 0; got {num_ps!r}.")
+    if num_ps and world_size < num_ps + 2:
+        raise LaunchError(
+            f"--num-ps {num_ps} with {world_size} process(es) leaves no worker: a parameter-server "
+            f"job needs a chief, at least one worker and the parameter servers (at least "
+            f"{num_ps + 2} processes in all)."
+        )
 
 
 def _base_environment(env):

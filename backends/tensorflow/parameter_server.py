@@ -1,0 +1,271 @@
+"""TensorFlow ParameterServer: the real `ParameterServerStrategy` and
+`ClusterCoordinator`.
+
+Keras 3 `fit` refuses this strategy; what works (and what this module does)
+is a coordinator loop that schedules Keras's own `train_step` on the
+workers with `ClusterCoordinator.schedule`, over a per-worker dataset
+(`create_per_worker_dataset`). The variables, the optimizer's state and the
+metrics live on the parameter servers (round robin, TensorFlow's placement),
+so the chief reads the epoch's metrics from them.
+
+Workers and parameter servers are `tf.distribute.Server`s: they serve inside
+the strategy's constructor. At its exit the chief ends them with TensorFlow's
+`Abort` op (exit code 0); a chief that dies is noticed by its port closing.
+
+Traps handled: Keras's `assign_add` is not atomic on a server's variable, and
+two workers lost updates (`tf-native-assign-add`); servers with one inter-op
+thread deadlock on a 2-core machine (they get workers + 1).
+"""
+
+import atexit
+import contextlib
+import re
+import socket
+
+import numpy as np
+import tensorflow as tf
+
+from keras_strategies.backends.tensorflow.base import TFImplementation
+from keras_strategies.cluster.rendezvous import exchange_addresses
+from keras_strategies.cluster.spec import split_address
+from keras_strategies.errors import StrategyError, WorkerError
+from keras_strategies.implementation import data as data_lib
+from keras_strategies.implementation.multi_process import own_coordinator
+from keras_strategies.implementation.parameter_server import (
+    SLOW_WORKER_VARIABLE,
+    ParameterServerImplementation,
+    PeerWatch,
+    StepResult,
+    first_batch,
+)
+from keras_strategies.launch.ports import free_port
+
+
+def _tcp_alive(address):
+    host, port = split_address(address, "the chief's address")
+    try:
+        socket.create_connection((host, port), timeout=2.0).close()
+        return True
+    except OSError:
+        return False
+
+
+class _ChiefProbe:
+    """Alive until the chief's port, once seen open, closes (or never opens
+    within `timeout`)."""
+
+    def __init__(self, address, timeout):
+        import time
+
+        self.address, self.seen, self.deadline = address, False, time.monotonic() + timeout
+
+    def __call__(self):
+        import time
+
+        if _tcp_alive(self.address):
+            self.seen = True
+            return True
+        return not self.seen and time.monotonic() < self.deadline
+
+
+class TFParameterServer(ParameterServerImplementation, TFImplementation):
+    """ParameterServer on TensorFlow."""
+
+    keras_patches = ("tf-native-assign-add",)
+
+    def __init__(self, strategy, devices, cluster, timeout):
+        super().__init__(strategy, devices, cluster, timeout)
+        spec = self._spec = self._cluster_dict()
+        if self.role == "chief":
+            resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+                tf.train.ClusterSpec(spec), task_type="chief", task_id=0, rpc_layer="grpc")
+            self.native = tf.distribute.experimental.ParameterServerStrategy(resolver)
+            self.coordinator = tf.distribute.coordinator.ClusterCoordinator(self.native)
+            self._finished = False
+            atexit.register(self.finish)
+            return
+        workers = len(spec.get("worker", []))
+        config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=workers + 1,
+                                          intra_op_parallelism_threads=1)
+        self._server = tf.distribute.Server(tf.train.ClusterSpec(spec), job_name=self.role,
+                                            task_index=self.worker_index, protocol="grpc",
+                                            config=config, start=True)
+        watch = PeerWatch(self, _ChiefProbe(spec["chief"][0], timeout)).start()
+        watch.finished.wait()  # the chief's Abort op ends this process first when all is well
+        watch.exit()
+
+    def _cluster_dict(self):
+        """`{"chief": [...], "worker": [...], "ps": [...]}` addresses."""
+        cluster = self.cluster
+        if cluster.tf_cluster is not None:
+            return {k: v for k, v in cluster.tf_cluster.items() if k in ("chief", "worker", "ps")}
+        processes = cluster.world_size + cluster.num_ps
+        addresses = exchange_addresses(own_coordinator(cluster), cluster.process_index, processes,
+                                       free_port(), self.timeout)
+        workers = cluster.world_size
+        return {"chief": addresses[:1], "worker": addresses[1:workers], "ps": addresses[workers:]}
+
+    def finish(self, reason=None):
+        """Chief: ends every server, with TensorFlow's `Abort` op (exit 0 when
+        the job finished; with `reason`, an error exit that prints it)."""
+        if self._finished:
+            return
+        self._finished = True
+        for job in ("worker", "ps"):
+            for index in range(len(self._spec.get(job, []))):
+                try:
+                    with tf.device(f"/job:{job}/replica:0/task:{index}/device:CPU:0"):
+                        tf.raw_ops.Abort(error_msg=f"keras_strategies.WorkerError: {reason}" if reason else "done",
+                                         exit_without_error=reason is None)
+                except Exception:  # noqa: BLE001 - the server is gone: that was the point
+                    pass
+
+    def default_devices(self):
+        return ["cpu:0"]
+
+    # -- chief -----------------------------------------------------------------
+    def prepare_fit(self, model, plan):
+        with self.scope():
+            model._symbolic_build(data_batch=first_batch(plan.x, plan.y, plan.sample_weight, plan.batch_size))
+            if not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+        dataset_fn = self._dataset_fn(plan)
+        self._iterator = iter(self.coordinator.create_per_worker_dataset(dataset_fn))
+        self._step_fn = self._make_step(model)
+        self._scheduled = {}
+        self._iterations = model.optimizer.iterations
+
+    def _dataset_fn(self, plan):
+        from keras.src.trainers.data_adapters import data_adapter_utils
+
+        x, y, weights = plan.x, plan.y, plan.sample_weight
+        if isinstance(x, tf.data.Dataset):
+            data = x.repeat()
+        elif data_lib.is_array_like(x):
+            if plan.class_weight is not None:
+                weights = data_adapter_utils.class_weight_to_sample_weights(y, plan.class_weight)
+            arrays = data_adapter_utils.pack_x_y_sample_weight(x, y, weights)
+            data = None
+        else:
+            raise StrategyError(
+                "ParameterServer on the tensorflow backend reads its input on the workers, which run "
+                f"no Python: give numpy arrays or a tf.data.Dataset, not {type(x).__name__}."
+            )
+        slow = _slow_microseconds()
+        shuffle, batch_size = plan.shuffle, plan.batch_size
+
+        def dataset_fn():
+            if data is not None:
+                dataset = data
+            else:
+                dataset = tf.data.Dataset.from_tensor_slices(arrays)
+                if shuffle:
+                    dataset = dataset.shuffle(len(keras_first(arrays)), reshuffle_each_iteration=True)
+                dataset = dataset.repeat().batch(batch_size)
+            if slow is not None:
+                index = tf.distribute.coordinator.experimental_get_current_worker_index()
+                delay = tf.where(tf.equal(index, slow[0]), tf.constant(slow[1], tf.int64), tf.constant(0, tf.int64))
+                dataset = dataset.apply(testing.sleep(delay))
+            return dataset.prefetch(1)
+
+        return dataset_fn
+
+    def _make_step(self, model):
+        iterations = model.optimizer.iterations
+
+        def replica_fn(data):
+            before = tf.identity(iterations.value)
+            with tf.control_dependencies([before]):  # the step reads after the count
+                data = tf.nest.map_structure(tf.identity, data)
+            logs = model.train_step(data)
+            with tf.control_dependencies(tf.nest.flatten(logs)):
+                after = tf.identity(iterations.value)
+            return {"logs": logs, "staleness": after - before - 1,
+                    "worker": tf.distribute.coordinator.experimental_get_current_worker_index()}
+
+        @tf.function
+        def step_fn(iterator):
+            return self.native.run(replica_fn, args=(next(iterator),))
+
+        return step_fn
+
+    def start_fit(self, model):
+        pass  # the variables live on the servers already (a restored backup was assigned there)
+
+    def schedule(self, step_id):
+        self._scheduled[step_id] = self.coordinator.schedule(self._step_fn, args=(self._iterator,))
+
+    def results(self, wait_for=None):
+        try:
+            if wait_for is None:
+                self.coordinator.join()
+            done = sorted(s for s in self._scheduled if s <= wait_for) if wait_for is not None \
+                else sorted(self._scheduled)
+            values = [self._scheduled.pop(step).fetch() for step in done]
+        except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+                tf.errors.DeadlineExceededError) as error:
+            raise self._server_lost(error) from error
+        return [StepResult(worker=int(v["worker"]), staleness=int(v["staleness"]), logs=v["logs"])
+                for v in values]
+
+    def _server_lost(self, error):
+        match = re.search(r"/job:ps/replica:\d+/task:(\d+)", str(error))
+        server = f"parameter server {match.group(1)}" if match else "a parameter server"
+        text = str(error).strip().splitlines()
+        lost = WorkerError(
+            f"ParameterServer on the tensorflow backend: {server} was lost "
+            f"({type(error).__name__}: {text[0] if text else ''}). Its variables are gone; rerun the "
+            "job (with BackupAndRestore it resumes from the last backup)."
+        )
+        self.finish(str(lost))
+        return lost
+
+    def pull(self, model):
+        pass  # the chief reads the servers' variables directly
+
+    @contextlib.contextmanager
+    def chief_evaluation(self, model):
+        saved = model._distribute_strategy
+        model._distribute_strategy = None  # Keras then runs on the chief, reading the servers
+        model.test_function = model.predict_function = None
+        try:
+            yield
+        finally:
+            model._distribute_strategy = saved
+            model.test_function = model.predict_function = None
+
+    def updates_applied(self):
+        import keras
+
+        return int(keras.ops.convert_to_numpy(self._iterations)) if hasattr(self, "_iterations") else 0
+
+    def variables_by_server(self, model):
+        found = [[] for _ in range(self.num_ps)]
+        for variable in model.variables + model.optimizer.variables:
+            match = re.search(r"/job:ps/replica:\d+/task:(\d+)", variable.value.device)
+            if match:
+                found[int(match.group(1))].append(variable.path)
+        return found
+
+
+def keras_first(structure):
+    import keras
+
+    return keras.tree.flatten(structure)[0]
+
+
+def _slow_microseconds():
+    """`(worker index, microseconds)` of the test-only slow-worker hook, or `None`."""
+    import os
+
+    text = os.environ.get(SLOW_WORKER_VARIABLE, "")
+    if not text:
+        return None
+    index, seconds = text.split(":")
+    return int(index), int(float(seconds) * 1e6)
+
+
+from tensorflow.python.data.experimental.ops import testing  # noqa: E402  (the hook's sleep)
+
+
+IMPLEMENTATIONS = {"ParameterServer": TFParameterServer}
