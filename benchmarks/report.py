@@ -8,9 +8,9 @@ import os
 import sys
 
 SHORT = {"default": "Default", "mirrored": "Mirrored", "multi_worker": "MultiWorker",
-         "central_storage": "CentralSt."}
+         "central_storage": "CentralSt.", "parameter_server": "ParamServer"}
 STRATEGY = {"default": "Default", "mirrored": "Mirrored", "multi_worker": "MultiWorkerMirrored",
-            "central_storage": "CentralStorage"}
+            "central_storage": "CentralStorage", "parameter_server": "ParameterServer (replicas = workers)"}
 
 
 def _fmt(value, spec):

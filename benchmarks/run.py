@@ -29,6 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "worker.py")
+PS_WORKER = os.path.join(HERE, "ps_worker.py")
 sys.path.insert(0, HERE)
 
 from workloads import WORKLOADS  # noqa: E402
@@ -46,6 +47,10 @@ CASES = {
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
     ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit"]),
+    # replicas = workers; each run also has a chief and one parameter server
+    ("tensorflow", "parameter_server"): (False, ["ks", "native", "native_tape"]),
+    ("jax", "parameter_server"): (False, ["ks"]),
+    ("torch", "parameter_server"): (False, ["ks"]),
 }
 
 NOT_RUN = {
@@ -57,6 +62,9 @@ NOT_RUN = {
         "no native equivalent: keras.distribution has no central-storage layout",
     ("torch", "central_storage", "native"):
         "no native equivalent: torch.distributed has no central-storage strategy for Keras",
+    ("jax", "parameter_server", "native"): "no native equivalent: JAX has no parameter-server training",
+    ("torch", "parameter_server", "native"):
+        "no native equivalent: no Keras parameter-server training on torch (keras_strategies is the first)",
 }
 
 # Native runs that fail in Keras 3.15 (the harness still runs them, so that
@@ -93,6 +101,9 @@ LABELS = {
     "native_sync_bn": "tf.distribute scope + Keras fit, BatchNormalization(synchronized=True)",
     ("jax", "native", "mirrored"): "keras.distribution.DataParallel",
     ("jax", "native", "multi_worker"): "keras.distribution.initialize + DataParallel (tf.data)",
+    ("tensorflow", "native", "parameter_server"):
+        "hand-written ClusterCoordinator loop scheduling Keras's train_step",
+    "native_tape": "hand-written ClusterCoordinator loop, GradientTape + Keras optimizer (lower bound)",
     "keras_ddp": "Keras model + hand-written DDP loop",
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
     "keras_fit": "plain Keras fit, no distribution (Keras's own step cost)",
@@ -115,7 +126,8 @@ def label(backend, strategy, method):
 
 
 def role(method):
-    return {"ks": "A", "torch_ddp": "lower bound", "keras_fit": "reference"}.get(method, "B")
+    return {"ks": "A", "torch_ddp": "lower bound", "native_tape": "lower bound",
+            "keras_fit": "reference"}.get(method, "B")
 
 
 def applies(method, workload, replicas):
@@ -146,18 +158,23 @@ def run_env(backend, threads):
 def measure(backend, strategy, method, workload, replicas, args, tmp):
     """One measurement: returns a dict (status ok, or failed with the output tail)."""
     in_process, _ = CASES[(backend, strategy)]
-    processes = 1 if in_process else replicas
+    servers = strategy == "parameter_server"
+    processes = 1 if in_process else replicas + 2 * servers  # + a chief and a parameter server
+    reporting = 1 if servers else processes  # the chief alone reports a parameter-server run
     threads = replicas if in_process else 1
     out = os.path.join(tmp, f"{backend}-{strategy}-{method}-{workload}-{replicas}-{time.time_ns()}")
     worker = [sys.executable, WORKER, "--method", method, "--strategy", strategy,
               "--replicas", str(replicas), "--workload", workload, "--epochs", str(args.epochs),
               "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(threads),
               "--out", out]
+    if servers:
+        worker = [sys.executable, PS_WORKER, "--method", method, "--workload", workload, "--epochs",
+                  str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--out", out]
     if in_process:
         command = worker
     else:
-        command = [sys.executable, "-m", "keras_strategies.launch", "--nproc-per-node",
-                   str(processes), "--timeout", str(args.timeout), *worker[1:]]
+        command = [sys.executable, "-m", "keras_strategies.launch", "--nproc-per-node", str(processes),
+                   *(["--num-ps", "1"] if servers else []), "--timeout", str(args.timeout), *worker[1:]]
     start = time.perf_counter()
     proc = subprocess.Popen(command, env=run_env(backend, threads), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -172,7 +189,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
             output, _ = proc.communicate()
     wall = time.perf_counter() - start
     ranks = []
-    for rank in range(processes):
+    for rank in range(reporting):
         path = f"{out}.rank{rank}.json"
         if os.path.exists(path):
             with open(path) as f:
@@ -180,7 +197,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
     record = dict(backend=backend, strategy=strategy, method=method, workload=workload,
                   replicas=replicas, processes=processes, threads_per_process=threads,
                   wall_s=round(wall, 2), exit_code=proc.returncode)
-    if proc.returncode != 0 or len(ranks) != processes:
+    if proc.returncode != 0 or len(ranks) != reporting:
         record.update(status="failed", output_tail=output.strip().splitlines()[-15:])
         return classify(record)
     chief = ranks[0]
@@ -191,7 +208,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
         # CPU time of each process (all threads) per sample: the work done,
         # much less sensitive than wall time to the scheduler on a small machine
         cpu_us_per_sample=[[1e6 * c / r["samples_per_epoch"] for c in r["epoch_cpu_seconds"][1:]]
-                           for r in ranks],
+                           for r in ranks if r["epoch_cpu_seconds"]],
         first_epoch_s=chief["epoch_seconds"][0],
         first_step_s=chief["first_step_s"],
         steps_seen=chief["steps_seen"],
@@ -333,7 +350,7 @@ def _parser():
                         help="MLP only, short runs; 1 replica only for Default and Mirrored, one A B round "
                              "there and for CentralStorage (< 10 min on 2 idle cores)")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument("--strategies", default="default,mirrored,multi_worker,central_storage")
+    parser.add_argument("--strategies", default="default,mirrored,multi_worker,central_storage,parameter_server")
     parser.add_argument("--workloads", default=None, help=f"comma list of {','.join(WORKLOADS)}")
     parser.add_argument("--methods", default=None,
                         help="comma list limiting the methods (ks, native, native_sync_bn, keras_ddp, torch_ddp, "
@@ -367,7 +384,7 @@ def _plan(args, workloads, replica_counts):
                         continue  # Default is one device by definition
                     if strategy == "central_storage" and replicas != 2:
                         continue  # one device holding and computing: nothing central about it
-                    if args.quick and strategy == "multi_worker" and replicas != 2:
+                    if args.quick and strategy in ("multi_worker", "parameter_server") and replicas != 2:
                         continue  # --quick: scaling for Mirrored only (one process)
                     plan.append((backend, strategy, workload, replicas))
     return plan

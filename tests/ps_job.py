@@ -25,6 +25,7 @@ parser.add_argument("--epochs", type=int, default=6)
 parser.add_argument("--steps-per-epoch", type=int, default=None)
 parser.add_argument("--mark", default=None, help="EPOCH:STEP at which the chief writes OUT/mark")
 parser.add_argument("--pattern", default="fit_argument")
+parser.add_argument("--backup", action="store_true", help="BackupAndRestore into OUT/user/backup")
 args = parser.parse_args()
 
 strategy = ks.ParameterServer()  # a parameter server (and a TF worker) serves in here
@@ -69,7 +70,7 @@ class Progress(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.by_epoch.append({str(k): v for k, v in strategy.steps_by_worker.items()})
-        if epoch == 0:  # asked of the servers while they hold the variables
+        if not hasattr(self, "held"):  # asked of the servers while they hold the variables
             self.held = strategy.variables_by_server(self.model)
 
 
@@ -80,6 +81,8 @@ callbacks = [
     RecordingCheckpoint(os.path.join(user, "ckpt.weights.h5"), os.path.join(args.out, "saves.txt"),
                         save_weights_only=True),
 ]
+if args.backup:
+    callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(user, "backup")))
 if args.pattern == "scope":
     with strategy.scope():
         model = build()

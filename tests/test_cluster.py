@@ -90,6 +90,17 @@ CASES = {
     "slurm_job_nodelist": ({**{k: v for k, v in SLURM_3_OF_4.items() if k != "SLURM_NODELIST"},
                             "SLURM_JOB_NODELIST": "gpu[3-4]"}, dict(coordinator="gpu3:19242")),
     "slurm_one_task": ({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"}, dict(source="none", world_size=1)),
+    # parameter servers: TF_CONFIG's "ps" tasks, or the last KERAS_STRATEGIES_NUM_PS processes
+    "tf_ps_count": (tf_config(CHIEF_AND_WORKERS, "ps", 0), dict(num_ps=1, task_type="ps", process_index=3)),
+    "num_ps_chief": ({**TORCHRUN_1_OF_4, "RANK": "0", "KERAS_STRATEGIES_NUM_PS": "1"}, dict(
+        rank=0, world_size=3, task_type="chief", task_index=0, num_ps=1, process_index=0)),
+    "num_ps_worker": ({**TORCHRUN_1_OF_4, "RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1",
+                       "KERAS_STRATEGIES_NUM_PS": "1"}, dict(
+        rank=2, world_size=3, task_type="worker", task_index=1, num_ps=1, process_index=2)),
+    "num_ps_server": ({**TORCHRUN_1_OF_4, "RANK": "3", "LOCAL_RANK": "1", "GROUP_RANK": "1",
+                       "KERAS_STRATEGIES_NUM_PS": "1"}, dict(
+        rank=-1, world_size=3, task_type="ps", task_index=0, num_ps=1, process_index=3)),
+    "num_ps_zero": ({**TORCHRUN_1_OF_4, "KERAS_STRATEGIES_NUM_PS": "0"}, dict(num_ps=0, task_type="worker")),
 }
 
 
@@ -226,6 +237,11 @@ ERRORS = {
     "slurm_bad_nodelist": ({**SLURM_3_OF_4, "SLURM_NODELIST": "node[01-"}, ["SLURM_NODELIST"]),
     "slurm_bad_range": ({**SLURM_3_OF_4, "SLURM_NODELIST": "node[a-b]"}, ["SLURM_NODELIST"]),
     "slurm_localid_too_big": ({**SLURM_3_OF_4, "SLURM_LOCALID": "2"}, ["SLURM_LOCALID"]),
+    # parameter servers
+    "num_ps_leaves_no_worker": ({**TORCHRUN_1_OF_4, "KERAS_STRATEGIES_NUM_PS": "3"},
+                                ["KERAS_STRATEGIES_NUM_PS=3", "leaves no worker", "at least 5"]),
+    "num_ps_not_integer": ({**TORCHRUN_1_OF_4, "KERAS_STRATEGIES_NUM_PS": "one"},
+                           ["KERAS_STRATEGIES_NUM_PS", "integer"]),
 }
 
 

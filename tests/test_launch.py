@@ -51,6 +51,12 @@ if mode == "print":
     sys.stdout.write("no newline at the end")
     sys.exit(0)
 
+if mode == "ps-roles":
+    print("num_ps=%s" % os.environ.get("KERAS_STRATEGIES_NUM_PS"))
+    if rank == 1:  # worker 0 of a parameter-server job fails
+        sys.exit(3)
+    sys.exit(0)
+
 if mode.startswith("fail") and rank == 1:
     wait_for("rank0.pid")
     print("rank 1 fails now", file=sys.stderr)
@@ -169,6 +175,19 @@ def test_failing_rank_stops_the_others(script, tmp_path, capfd, monkeypatch, mod
         assert len(pids) == 2  # rank 0 and its child
     finally:
         assert_dead(pids_in(tmp_path))
+
+
+@pytest.mark.timeout(60)
+def test_parameter_server_roles_and_a_failed_worker_does_not_stop_the_job(script, tmp_path, capfd):
+    code = launch([sys.executable, str(script), str(tmp_path), "ps-roles"], nproc_per_node=4, num_ps=1,
+                  timeout=50)
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    for label in ("chief", "worker 0", "worker 1", "ps 0"):
+        assert f"[{label}] num_ps=1" in out.splitlines(), out
+    assert "worker 0 (rank 1" in err and "exited with code 3; the job goes on without it" in err
+    with pytest.raises(LaunchError, match="leaves no worker"):
+        launch([sys.executable, str(script), str(tmp_path), "ps-roles"], nproc_per_node=3, num_ps=2)
 
 
 @pytest.mark.timeout(30)

@@ -182,8 +182,11 @@ def test_tf_config_two_servers_and_a_worker_killed_then_restarted(tmp_path):
     assert res["by_epoch"][-1].get("1", 0) > res["by_epoch"][0].get("1", 0)
 
 
-def test_a_lost_parameter_server_ends_every_process_with_an_error_naming_it(tmp_path):
-    with Cluster(tmp_path, 1, 1, "--mark", "1:5", "--epochs", "30") as cluster:
+def test_a_lost_parameter_server_ends_every_process_and_the_rerun_resumes_from_the_backup(tmp_path):
+    """The parameter server is killed in epoch 3 of a job with BackupAndRestore:
+    every process ends with a WorkerError naming it; the same job started
+    again resumes after the last backed-up epoch and trains to the end."""
+    with Cluster(tmp_path, 1, 1, "--mark", "2:5", "--epochs", "8", "--backup") as cluster:
         cluster.start_all()
         cluster.wait_for_mark()
         killed = time.monotonic()
@@ -195,6 +198,15 @@ def test_a_lost_parameter_server_ends_every_process_with_an_error_naming_it(tmp_
         assert "WorkerError" in chief and "parameter server 0" in chief, chief[-3000:]
         worker = cluster.output("worker0")
         assert "WorkerError" in worker and "parameter server 0" in worker, worker[-3000:]
+    os.remove(os.path.join(tmp_path, "mark"))
+    with Cluster(tmp_path, 1, 1, "--epochs", "8", "--backup") as cluster:
+        cluster.start_all()
+        codes = cluster.wait()
+        assert set(codes.values()) == {0}, (codes, cluster.output("chief0")[-3000:])
+    res = result(tmp_path)
+    # epochs 1 and 2 were backed up before the kill: the rerun trains epochs 3..8
+    assert len(res["history"]["loss"]) == 6, res["history"]
+    assert res["evaluate"]["accuracy"] >= 0.85
 
 
 def test_a_dead_chief_ends_the_workers_and_servers(tmp_path):
@@ -208,3 +220,30 @@ def test_a_dead_chief_ends_the_workers_and_servers(tmp_path):
         assert max(cluster.exited.values()) - killed < TIMEOUT + 30
         for name in ("worker0", "ps0"):
             assert "WorkerError" in cluster.output(name) and "chief is gone" in cluster.output(name)
+
+
+def test_a_cluster_without_parameter_servers_gets_a_clear_error(monkeypatch):
+    import keras_strategies as ks
+    from keras_strategies.cluster import ClusterSpec
+
+    with pytest.raises(ks.ClusterError, match="needs parameter-server processes.*--num-ps"):
+        ks.ParameterServer()  # this test process: one process, no cluster
+    tf_config = {"worker": ["h:1", "h:2"], "ps": ["h:3"]}
+    spec = ClusterSpec(rank=0, world_size=2, source="TF_CONFIG", tf_cluster=tf_config, num_ps=1)
+    with pytest.raises(ks.ClusterError, match='one "chief" task'):
+        ks.ParameterServer(cluster=spec)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's ParameterServer runs over torch.distributed.rpc")
+def test_jax_without_torch_names_the_extra_to_install(monkeypatch):
+    import keras_strategies as ks
+    from keras_strategies.backends.jax import parameter_server
+    from keras_strategies.cluster import ClusterSpec
+
+    monkeypatch.setattr(parameter_server, "_MISSING", ImportError("No module named 'torch'"))
+    spec = ClusterSpec(rank=0, world_size=2, coordinator="127.0.0.1:1", source="torchrun",
+                       task_type="chief", num_ps=1)
+    with pytest.raises(ks.UnsupportedStrategyError,
+                       match=r"ParameterServer on the jax backend: .*torch.distributed.rpc.*"
+                             r"keras-strategies\[parameter-server\]"):
+        ks.ParameterServer(cluster=spec)

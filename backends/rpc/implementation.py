@@ -63,8 +63,7 @@ class RpcParameterServer(ParameterServerImplementation):
         self.watch.start()
         if self.role == "ps":
             server._server[0] = server.VariableServer(self)
-            self.watch.finished.wait()
-            self._leave()
+            self.serve_in_background(self.watch)
 
     # -- what the backend adds -----------------------------------------------
     @abc.abstractmethod
@@ -211,8 +210,8 @@ class RpcParameterServer(ParameterServerImplementation):
             self.watch.done(refusal)
         elif not self.watch.finished.is_set():
             Worker(self, model, batches, slow_worker_delay(os.environ, self.worker_index)).serve(self.watch)
-        self._leave()
-
-    def _leave(self):
-        group.leave()
+        self.leave()
         self.watch.exit()
+
+    def leave(self):
+        group.leave()

@@ -72,6 +72,7 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
     """ParameterServer on TensorFlow."""
 
     keras_patches = ("tf-native-assign-add",)
+    background_roles = ("ps", "worker")  # tf.distribute.Servers: the chief runs the work on them
 
     def __init__(self, strategy, devices, cluster, timeout):
         super().__init__(strategy, devices, cluster, timeout)
@@ -90,9 +91,9 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
         self._server = tf.distribute.Server(tf.train.ClusterSpec(spec), job_name=self.role,
                                             task_index=self.worker_index, protocol="grpc",
                                             config=config, start=True)
-        watch = PeerWatch(self, _ChiefProbe(spec["chief"][0], timeout)).start()
-        watch.finished.wait()  # the chief's Abort op ends this process first when all is well
-        watch.exit()
+        # the chief's Abort op ends this process when all is well; the watch
+        # notices a chief that died
+        self.serve_in_background(PeerWatch(self, _ChiefProbe(spec["chief"][0], timeout)).start())
 
     def _cluster_dict(self):
         """`{"chief": [...], "worker": [...], "ps": [...]}` addresses."""
@@ -123,16 +124,30 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
     def default_devices(self):
         return ["cpu:0"]
 
+    def scope(self):
+        if self.role != "chief":
+            return contextlib.nullcontext()  # the same script builds a model here too: unused
+        # the strategy's own scope only: one replica per update, so none of
+        # Mirrored's MEAN aggregation (it made every metric update an
+        # aggregating one)
+        return self.native.scope()
+
     # -- chief -----------------------------------------------------------------
     def prepare_fit(self, model, plan):
         with self.scope():
             model._symbolic_build(data_batch=first_batch(plan.x, plan.y, plan.sample_weight, plan.batch_size))
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
+            if not hasattr(self, "_totals"):
+                # per worker, on the servers: [updates, summed staleness], and
+                # the largest staleness of the epoch
+                workers = len(self._spec["worker"])
+                self._totals = tf.Variable(tf.zeros([workers, 2], tf.int64), trainable=False)
+                self._maxima = tf.Variable(tf.zeros([workers], tf.int64), trainable=False)
+                self._seen = np.zeros((workers, 2), np.int64)
         dataset_fn = self._dataset_fn(plan)
         self._iterator = iter(self.coordinator.create_per_worker_dataset(dataset_fn))
         self._step_fn = self._make_step(model)
-        self._scheduled = {}
         self._iterations = model.optimizer.iterations
 
     def _dataset_fn(self, plan):
@@ -172,6 +187,7 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
 
     def _make_step(self, model):
         iterations = model.optimizer.iterations
+        totals, maxima = self._totals, self._maxima
 
         def replica_fn(data):
             before = tf.identity(iterations.value)
@@ -180,42 +196,66 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
             logs = model.train_step(data)
             with tf.control_dependencies(tf.nest.flatten(logs)):
                 after = tf.identity(iterations.value)
-            return {"logs": logs, "staleness": after - before - 1,
-                    "worker": tf.distribute.coordinator.experimental_get_current_worker_index()}
+            # counted on the servers: fetching each step's result back to the
+            # chief cost a third of a step
+            worker = tf.reshape(tf.cast(tf.distribute.coordinator.experimental_get_current_worker_index(),
+                                        tf.int64), [1])
+            staleness = tf.reshape(after - before - 1, [1])
+            totals.scatter_add(tf.IndexedSlices(tf.stack([tf.ones([1], tf.int64), staleness], axis=1), worker))
+            maxima.scatter_max(tf.IndexedSlices(staleness, worker))
 
         @tf.function
         def step_fn(iterator):
-            return self.native.run(replica_fn, args=(next(iterator),))
+            self.native.run(replica_fn, args=(next(iterator),))
 
         return step_fn
 
     def start_fit(self, model):
         pass  # the variables live on the servers already (a restored backup was assigned there)
 
+    def queue_depth(self):
+        # The coordinator sends closures to workers from its own queue, and
+        # the counts are read once an epoch: the chief never waits per step.
+        return 1 << 62
+
     def schedule(self, step_id):
-        self._scheduled[step_id] = self.coordinator.schedule(self._step_fn, args=(self._iterator,))
+        self.coordinator.schedule(self._step_fn, args=(self._iterator,))
 
     def results(self, wait_for=None):
+        if wait_for is not None:
+            return []
         try:
-            if wait_for is None:
-                self.coordinator.join()
-            done = sorted(s for s in self._scheduled if s <= wait_for) if wait_for is not None \
-                else sorted(self._scheduled)
-            values = [self._scheduled.pop(step).fetch() for step in done]
+            self.coordinator.join()
+            totals, most = self._totals.numpy(), self._maxima.numpy()
+            self._maxima.assign(tf.zeros_like(most))  # the next epoch's
         except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
                 tf.errors.DeadlineExceededError) as error:
             raise self._server_lost(error) from error
-        return [StepResult(worker=int(v["worker"]), staleness=int(v["staleness"]), logs=v["logs"])
-                for v in values]
+        (updates, staleness), self._seen = (totals - self._seen).T, totals
+        return [StepResult(worker=w, staleness=int(staleness[w]), count=int(updates[w]), max_staleness=int(most[w]))
+                for w in range(len(updates)) if updates[w]]
+
+    def _lost_task(self, text):
+        """The `(job, index)` an engine error names, by device or by address."""
+        match = re.search(r"/job:(ps|worker)/replica:\d+/task:(\d+)", text)
+        if match:
+            return match.group(1), int(match.group(2))
+        for job in ("ps", "worker"):
+            for index, address in enumerate(self._spec.get(job, [])):
+                if address in text:
+                    return job, index
+        return None, None
 
     def _server_lost(self, error):
-        match = re.search(r"/job:ps/replica:\d+/task:(\d+)", str(error))
-        server = f"parameter server {match.group(1)}" if match else "a parameter server"
-        text = str(error).strip().splitlines()
+        text = str(error)
+        job, index = self._lost_task(text)
+        what = {"ps": f"parameter server {index}", "worker": f"worker {index}"}.get(job, "a process of the job")
+        first = text.strip().splitlines()
         lost = WorkerError(
-            f"ParameterServer on the tensorflow backend: {server} was lost "
-            f"({type(error).__name__}: {text[0] if text else ''}). Its variables are gone; rerun the "
-            "job (with BackupAndRestore it resumes from the last backup)."
+            f"ParameterServer on the tensorflow backend: {what} was lost "
+            f"({type(error).__name__}: {first[0] if first else ''}). "
+            + ("Its variables are gone; rerun the job (with BackupAndRestore it resumes from the last backup)."
+               if job != "worker" else "No worker is left to run the remaining updates.")
         )
         self.finish(str(lost))
         return lost

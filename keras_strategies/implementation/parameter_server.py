@@ -20,6 +20,7 @@ How an engine runs updates is the backend's (`backends/tensorflow`:
 """
 
 import abc
+import atexit
 import contextlib
 import dataclasses
 import math
@@ -42,21 +43,25 @@ SLOW_WORKER_VARIABLE = "KERAS_STRATEGIES_TEST_SLOW_WORKER"
 
 @dataclasses.dataclass
 class StepResult:
-    """What one applied update reports to the chief.
+    """What applied updates report to the chief: one update, or (`count` > 1)
+    a worker's updates summed by the engine.
 
     Attributes:
         worker: the index of the worker that computed it.
         staleness: updates other workers applied between this worker's read
-            of the variables and this update.
-        logs: the step's logs, when the engine gives them (TensorFlow: the
-            metrics are kept on the parameter servers).
+            of the variables and its update (summed over `count` updates).
+        count: how many updates this reports.
+        max_staleness: the largest staleness among them (`staleness` when
+            `count` is 1).
         metric_state: the values of the model's metric variables for this
-            one batch, when the engine gives them instead (they add up).
+            one batch, when the engine keeps the metrics on the chief (they
+            add up); `None` where the servers keep them (TensorFlow).
     """
 
     worker: int
     staleness: int
-    logs: dict = None
+    count: int = 1
+    max_staleness: int = None
     metric_state: list = None
 
 
@@ -192,17 +197,21 @@ class EpochStats:
     """Staleness and steps per worker of the updates applied so far."""
 
     def __init__(self):
-        self.staleness = []
+        self.updates = self.staleness = 0
+        self.max_staleness = None
         self.by_worker = {}
 
     def add(self, result):
-        self.staleness.append(result.staleness)
-        self.by_worker[result.worker] = self.by_worker.get(result.worker, 0) + 1
+        self.updates += result.count
+        self.staleness += result.staleness
+        most = result.staleness if result.max_staleness is None else result.max_staleness
+        self.max_staleness = most if self.max_staleness is None else max(self.max_staleness, most)
+        self.by_worker[result.worker] = self.by_worker.get(result.worker, 0) + result.count
 
     def logs(self):
-        if not self.staleness:
+        if not self.updates:
             return {}
-        return {"staleness": float(np.mean(self.staleness)), "max_staleness": float(max(self.staleness))}
+        return {"staleness": self.staleness / self.updates, "max_staleness": float(self.max_staleness)}
 
 
 class ParameterServerImplementation(MultiProcessImplementation):
@@ -278,9 +287,35 @@ class ParameterServerImplementation(MultiProcessImplementation):
     def end_fit(self, model):
         """Chief: after the last epoch of a fit."""
 
+    def queue_depth(self):
+        """Chief: how many updates may wait for a worker, ahead of the progress
+        bar (enough that no worker waits for the chief)."""
+        return max(2, 2 * self.num_workers)
+
     def serve_worker(self, model, method, arguments):
         """Worker: computes updates for the chief until it is done, then exits."""
         raise self.unsupported(f"a worker's {method}() is not run here")
+
+    # -- processes that serve in the background ---------------------------------
+    background_roles = ("ps",)  # roles whose engine serves from the constructor on
+
+    def serve_in_background(self, watch):
+        """A parameter server (a TensorFlow worker too) serves from the
+        strategy's constructor on, in the engine's threads; its main thread
+        goes on with the script and waits for the chief to finish in its
+        first fit/evaluate/predict under the strategy, or at the script's
+        end, whichever comes first, then the process exits."""
+        self.watch = watch
+        atexit.register(self.serve_until_done)
+
+    def serve_until_done(self):
+        """Waits until the chief is done (or gone), then ends the process."""
+        self.watch.finished.wait()
+        self.leave()
+        self.watch.exit()
+
+    def leave(self):
+        """Leaves the engine's group before the process exits."""
 
     def chief_evaluation(self, model):
         """Chief: a context in which plain Keras evaluate/predict run on the
@@ -289,10 +324,10 @@ class ParameterServerImplementation(MultiProcessImplementation):
 
     # -- one fit/evaluate/predict --------------------------------------------
     def run(self, model, method, original, arguments, attached):
+        if self.role in self.background_roles:
+            self.serve_until_done()
         if self.role == "worker":
             return self.serve_worker(model, method, arguments)
-        if self.role != "chief":
-            raise self.unsupported(f"a {self.role} process does not train")
         with patches.active(self.keras_patches), Watchdog(self):
             if not attached:
                 self.attach(model)
@@ -343,7 +378,7 @@ class ParameterServerImplementation(MultiProcessImplementation):
         model.reset_metrics()
         callbacks.on_epoch_begin(epoch)
         stats, logs = EpochStats(), {}
-        in_flight = max(2, 2 * self.num_workers)
+        in_flight = self.queue_depth()
         first = self._next_step_id
         for step in range(plan.steps_per_epoch):
             callbacks.on_train_batch_begin(step)
@@ -377,20 +412,19 @@ class ParameterServerImplementation(MultiProcessImplementation):
 
     def _account(self, model, stats, results):
         """Adds applied updates to the epoch's books; returns the logs so far."""
-        latest = None
         variables = model.metrics_variables
+        on_chief = False
         for result in results:
             stats.add(result)
-            self.steps_by_worker[result.worker] = self.steps_by_worker.get(result.worker, 0) + 1
+            self.steps_by_worker[result.worker] = self.steps_by_worker.get(result.worker, 0) + result.count
             if result.metric_state is not None:  # the engine keeps the metrics on the chief
+                on_chief = True
                 for variable, value in zip(variables, result.metric_state):
                     value = keras.ops.cast(value, variable.dtype)
                     variable.assign(variable.value + value if variable.aggregation in ("sum", None) else value)
-            latest = result.logs if result.logs is not None else latest
             beat()
-        logs = self._metric_results(model) if latest is None else {
-            name: float(keras.ops.convert_to_numpy(value)) for name, value in latest.items()}
-        return {**logs, **stats.logs()}
+        # where the servers keep the metrics, reading them is a round trip: not at every step
+        return {**(self._metric_results(model) if on_chief else {}), **stats.logs()}
 
     @staticmethod
     def _metric_results(model):

@@ -42,10 +42,15 @@ class ParameterServer(Strategy):
       per epoch over all workers; it is derived for arrays and datasets of
       known length, and required for an endless dataset (as in TensorFlow).
       Each worker reads its own pass over the input.
-    - A worker or parameter server does its job inside the strategy (the
-      parameter servers, and TensorFlow's workers) or inside `fit` (the
-      workers on PyTorch and JAX), and its process exits 0 on its own soon
-      after the chief finishes; it prints no progress and writes no files.
+    - A worker or parameter server does its job inside the strategy or inside
+      `fit`: a parameter server (and a worker on TensorFlow, a
+      `tf.distribute.Server`) serves from the strategy's constructor on, and
+      its script waits in its first `fit` (or at its end) for the chief; a
+      worker on PyTorch and JAX computes updates inside its `fit`. Either way
+      the process exits 0 on its own soon after the chief finishes, before
+      any line after its `fit` runs; it prints no progress and writes no
+      files. `role`, `is_chief`, `num_workers` and `worker_index` (the index
+      within the role) work on every process.
     - After `fit` the chief's model holds the servers' final values:
       `evaluate`, `predict` and `save` work on the chief (and
       `evaluate`/`predict` with `distribution=` run there too).
