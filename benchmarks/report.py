@@ -89,7 +89,7 @@ def draw(data, path):
     workloads = sorted({r["workload"] for r in ok})
     fig, axes = plt.subplots(len(workloads), 1, figsize=(13, 4.2 * len(workloads)), squeeze=False)
     colors = {"ks": "tab:blue", "native": "tab:orange", "keras_ddp": "tab:orange", "torch_ddp": "tab:gray",
-              "native_sync_bn": "tab:green", "keras_fit": "tab:purple"}
+              "native_sync_bn": "tab:green", "keras_fit": "tab:purple", "native_tape": "tab:gray"}
     for ax, workload in zip(axes[:, 0], workloads):
         rows = sorted((r for r in ok if r["workload"] == workload),
                       key=lambda r: (r["backend"], r["strategy"], r["replicas"], r["method"] != "ks"))
@@ -112,7 +112,7 @@ def draw(data, path):
         ax.set_ylabel("samples/s (median, min-max)")
         sync = any(r["method"] == "native_sync_bn" for r in rows)
         ax.set_title(f"{workload}: A = keras_strategies (blue), B = native (orange), "
-                     f"plain torch DDP lower bound (gray)"
+                     f"lower bound: plain torch DDP / GradientTape coordinator loop (gray)"
                      + (", plain Keras fit without distribution (purple)"
                         if any(r["method"] == "keras_fit" for r in rows) else "")
                      + (", TF native with BatchNormalization(synchronized=True) (green)" if sync else ""),
