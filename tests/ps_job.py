@@ -28,7 +28,10 @@ parser.add_argument("--pattern", default="fit_argument")
 parser.add_argument("--backup", action="store_true", help="BackupAndRestore into OUT/user/backup")
 args = parser.parse_args()
 
-strategy = ks.ParameterServer()  # a parameter server (and a TF worker) serves in here
+strategy = ks.ParameterServer()  # a parameter server (and a TF worker) serves from here on
+with open(os.path.join(args.out, f"role-{os.getpid()}.json"), "w") as f:  # every process knows its place
+    json.dump({"role": strategy.role, "is_chief": strategy.is_chief, "workers": strategy.num_workers,
+               "index": strategy.worker_index, "ps": strategy.num_ps}, f)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -56,7 +59,7 @@ class Progress(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.by_epoch = []
+        self.by_epoch, self.checksums = [], []
         mark = (args.mark or "-1:-1").split(":")
         self.mark = (int(mark[0]), int(mark[1]))
 
@@ -70,13 +73,17 @@ class Progress(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.by_epoch.append({str(k): v for k, v in strategy.steps_by_worker.items()})
+        self.checksums.append(float(sum(np.sum(w) for w in self.model.get_weights())))
         if not hasattr(self, "held"):  # asked of the servers while they hold the variables
             self.held = strategy.variables_by_server(self.model)
 
 
 progress = Progress()
+last = args.epochs - 1
 callbacks = [
     progress,
+    # the chief's learning-rate changes reach the servers: nothing moves in the last epoch
+    keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.0 if epoch == last else lr),
     keras.callbacks.CSVLogger(os.path.join(user, "log.csv")),
     RecordingCheckpoint(os.path.join(user, "ckpt.weights.h5"), os.path.join(args.out, "saves.txt"),
                         save_weights_only=True),
@@ -111,7 +118,7 @@ result = {
     "reloaded_matches": bool(np.allclose(reloaded.predict(x_test, verbose=0), predictions, atol=1e-6)),
     "steps": steps, "updates_applied": strategy.updates_applied(),
     "steps_by_worker": {str(k): v for k, v in strategy.steps_by_worker.items()},
-    "by_epoch": progress.by_epoch, "variables_by_server": progress.held,
+    "by_epoch": progress.by_epoch, "variables_by_server": progress.held, "checksums": progress.checksums,
     "variables": [v.path for v in model.variables], "pid": os.getpid(),
 }
 with open(os.path.join(args.out, "result.json"), "w") as f:

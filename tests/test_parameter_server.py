@@ -146,6 +146,18 @@ def test_launcher_trains_a_classifier_and_a_slow_worker_does_not_hold_back_the_o
     assert res["workers"] == 2 and res["ps"] == 1
     by_worker = res["steps_by_worker"]
     assert by_worker["0"] >= 3 * by_worker["1"] > 0, by_worker  # asynchronous: no lock step
+    # the learning rate the chief's callback set to 0 for the last epoch reached the server
+    assert res["checksums"][-1] == pytest.approx(res["checksums"][-2], abs=1e-6)
+    assert res["checksums"][-2] != pytest.approx(res["checksums"][-3], abs=1e-3)
+    # every process knows its place
+    roles = []
+    for name in os.listdir(tmp_path):
+        if name.startswith("role-"):
+            with open(os.path.join(tmp_path, name)) as f:
+                roles.append(json.load(f))
+    assert sorted((r["role"], r["index"], r["is_chief"]) for r in roles) == [
+        ("chief", 0, True), ("ps", 0, False), ("worker", 0, False), ("worker", 1, False)]
+    assert {(r["workers"], r["ps"]) for r in roles} == {(2, 1)}
     # only the chief printed progress and wrote the user's files
     assert "[chief] Epoch 1/" in text and not any(
         line.startswith(("[worker", "[ps")) and "Epoch" in line for line in lines)

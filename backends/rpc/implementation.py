@@ -128,6 +128,16 @@ class RpcParameterServer(ParameterServerImplementation):
         for call in calls:
             call.wait()
 
+    def push_settings(self, model):
+        import torch.distributed.rpc as rpc
+
+        settings = {v.name: group.to_wire(v.value) for v in model.optimizer.variables
+                    if len(v.shape) == 0 and v.name not in ("iteration", "iterations")}
+        calls = [rpc.rpc_async(name, server.load, args=(settings,), timeout=self.timeout)
+                 for name in group.server_names(self.cluster)]
+        for call in calls:
+            call.wait()
+
     def schedule(self, step_id):
         self.coordinator.schedule(step_id)
 

@@ -287,6 +287,10 @@ class ParameterServerImplementation(MultiProcessImplementation):
     def end_fit(self, model):
         """Chief: after the last epoch of a fit."""
 
+    def push_settings(self, model):
+        """Chief: the optimizer's settings the callbacks may have changed (the
+        learning rate) to the servers, at the start of each epoch."""
+
     def queue_depth(self):
         """Chief: how many updates may wait for a worker, ahead of the progress
         bar (enough that no worker waits for the chief)."""
@@ -377,6 +381,7 @@ class ParameterServerImplementation(MultiProcessImplementation):
     def _run_epoch(self, model, plan, callbacks, epoch):
         model.reset_metrics()
         callbacks.on_epoch_begin(epoch)
+        self.push_settings(model)  # LearningRateScheduler, ReduceLROnPlateau
         stats, logs = EpochStats(), {}
         in_flight = self.queue_depth()
         first = self._next_step_id
