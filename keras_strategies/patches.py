@@ -76,12 +76,14 @@ PATCHES = (
            "keras.src.losses.loss:unscale_loss_for_distribution"),
           _FIXES.format("tensorflow", "share_scaled_loss"), "run", _TF,
           "Keras scales each replica's loss by 1/replicas, wrong for an unevenly split last batch."),
-    Patch("tf-native-assign-add",
-          ("keras.src.backend.tensorflow.core:Variable.assign_add",
+    Patch("tf-variable-updates",
+          ("keras.src.backend.tensorflow.core:Variable.assign",
+           "keras.src.backend.tensorflow.core:Variable.assign_add",
            "keras.src.backend.tensorflow.core:Variable.assign_sub"),
-          _FIXES.format("tensorflow", "native_assign_add"), "run", _TF,
+          _FIXES.format("tensorflow", "variable_update"), "run", _TF,
           "Keras's assign_add is assign(x + d): counted once per replica on CentralStorage's SUM "
-          "variables, and not atomic on a parameter server (asynchronous updates were lost)."),
+          "variables, and not atomic on a parameter server (asynchronous updates were lost); in a "
+          "replica-local optimizer apply each replica writes its own copy."),
     Patch("keras-20585-symbolic-build",
           ("keras.src.backend.tensorflow.trainer:TensorFlowTrainer._maybe_symbolic_build",),
           _FIXES.format("tensorflow", "local_batch_symbolic_build"), "run", _TF,
@@ -107,6 +109,16 @@ PATCHES = (
           "keras_strategies.backends.torch.layout:copy_free", "run", _TORCH,
           "Keras copies every channels_last conv/pool input to NCHW; a channels_last view copies "
           "nothing (upstream: keras PR 23199, issue 23649)."),
+    Patch("tf-replica-local-optimizer",
+          ("Optimizer.apply", "Optimizer._backend_update_step", "Optimizer._apply_weight_decay",
+           "Optimizer._backend_increment_gradient_accumulators",
+           "Optimizer._overwrite_model_variables_with_average_value", "Optimizer.assign",
+           "Optimizer.assign_add", "Optimizer.assign_sub", "LossScaleOptimizer._tf_apply"), "", "model", _TF,
+          "Keras's TF optimizer clips each replica's gradient (not the global one) and fails in a cond "
+          "(gradient accumulation, EMA overwrite, loss scaling): all-reduce first, then apply per replica."),
+    Patch("tf-multi-step", ("Model.make_train_function", "Model.make_test_function"), "", "model", _TF,
+          "steps_per_execution > 1 under MirroredStrategy fails (a strategy.run inside a cond in Keras's "
+          "loop: 'You must feed a value for placeholder tensor'); one loop without it."),
     Patch("tf-share-weighted-step", ("Model.train_step",), "", "model", _TF,
           "Each replica's loss is weighted by its share of the global batch (see tf-loss-share)."),
     Patch("tf-synchronized-batchnorm", ("BatchNormalization.synchronized",), "", "model", _TF,

@@ -15,6 +15,7 @@ import contextlib
 import jax
 import keras
 
+from keras_strategies.backends.jax.keras_fixes import unaliased_ema
 from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
@@ -128,5 +129,6 @@ class JaxImplementation(Implementation):
             self.lay_out(model)
             return result
 
-        with overriding(model, "_symbolic_build", symbolic_build, "jax-late-layout"), self.scope():
+        with overriding(model, "_symbolic_build", symbolic_build, "jax-late-layout"), self.scope(), \
+                unaliased_ema(model):
             yield

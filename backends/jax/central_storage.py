@@ -28,6 +28,7 @@ import keras
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from keras_strategies.backends.jax.base import JaxImplementation
+from keras_strategies.backends.jax.keras_fixes import unaliased_ema
 from keras_strategies.backends.jax.local import JaxMirrored
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.model_state import reset_compiled_functions, state_variables
@@ -95,6 +96,7 @@ class JaxCentralStorage(JaxImplementation):
                     stack.enter_context(overriding(
                         model, name, _maker(model, name, make), "jax-central-storage-steps"))
                 stack.enter_context(self.scope())
+                stack.enter_context(unaliased_ema(model))
                 yield
         finally:
             reset_compiled_functions(model)

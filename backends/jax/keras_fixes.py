@@ -4,6 +4,8 @@ Each factory here is given Keras's original and returns what stands in for
 it while one of this package's strategies runs.
 """
 
+import contextlib
+
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 from keras.src.distribution import TensorLayout, distribution_lib
@@ -72,3 +74,26 @@ def without_distribution(original):
             distribution_lib.set_distribution(active)
 
     return hook
+
+
+@contextlib.contextmanager
+def unaliased_ema(model):
+    """After a fit with `use_ema`, the model's variables get their own buffers.
+
+    Keras's `finalize_variable_values` assigns each EMA average to its model
+    variable, and a JAX variable's assign keeps the very array when its
+    layout already matches: the model variable and the optimizer's average
+    then share one buffer, which the next jitted step (an `evaluate`, a
+    second `fit`) donates. The average is left deleted, and the next fit
+    fails with "Buffer has been deleted or donated" (plain Keras 3.15 too:
+    docs/upstream/jax-ema-donated-average.md).
+    """
+    try:
+        yield
+    finally:
+        optimizer = getattr(model, "optimizer", None)
+        if getattr(optimizer, "use_ema", False) and optimizer.built:
+            shared = {id(v._value) for v in optimizer.variables if v._value is not None}
+            for variable in model.trainable_variables:
+                if variable._value is not None and id(variable._value) in shared:
+                    variable._value = jax.numpy.copy(variable._value)

@@ -2,14 +2,18 @@
 (`keras.distribution.DataParallel` over one device or several)."""
 
 from keras_strategies.backends.jax.base import JaxImplementation, accelerators
+from keras_strategies.backends.jax.keras_fixes import unaliased_ema
 from keras_strategies.implementation.base import NoDistribution
 
 
 class JaxDefault(NoDistribution, JaxImplementation):
-    """No distribution at all: Keras's own single-device path."""
+    """No distribution at all: Keras's own single-device path (with the EMA fix)."""
 
     def make_distribution(self):
         return None
+
+    def run_context(self, model):
+        return unaliased_ema(model)
 
 
 class JaxOneDevice(JaxImplementation):

@@ -19,7 +19,12 @@ import contextlib
 import tensorflow as tf
 from keras.src.layers.normalization.batch_normalization import BatchNormalization
 
-from keras_strategies.backends.tensorflow.keras_fixes import local_value, share_weighted_train_step
+from keras_strategies.backends.tensorflow.keras_fixes import (
+    local_value,
+    multi_step_function,
+    replica_local_optimizer,
+    share_weighted_train_step,
+)
 from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
@@ -123,11 +128,29 @@ def global_batch_training(model, num_replicas, owner):
             stack.enter_context(overriding(layer, "synchronized", True, "tf-synchronized-batchnorm"))
         stack.enter_context(overriding(
             model, "train_step", share_weighted_train_step(model.train_step), "tf-share-weighted-step"))
+        stack.enter_context(replica_local_optimizer(getattr(model, "optimizer", None)))
+        if model.steps_per_execution > 1:
+            for kind in ("train", "test"):
+                stack.enter_context(overriding(model, f"make_{kind}_function", _multi_step_maker(model, kind),
+                                               "tf-multi-step"))
         restore_compiled_functions(model, owner, values=True)
         try:
             yield
         finally:
             stash_compiled_functions(model, owner, values=True)
+
+
+def _multi_step_maker(model, kind):
+    """A per-model `make_train_function` / `make_test_function` building
+    `keras_fixes.multi_step_function`."""
+    attribute = f"{kind}_function"
+
+    def make_function(force=False):
+        if getattr(model, attribute) is None or force:
+            setattr(model, attribute, multi_step_function(model, getattr(model, f"{kind}_step")))
+        return getattr(model, attribute)
+
+    return make_function
 
 
 class TFImplementation(Implementation):
@@ -138,7 +161,7 @@ class TFImplementation(Implementation):
     """
 
     backend = "tensorflow"
-    keras_patches = ("tf-loss-share",)
+    keras_patches = ("tf-loss-share", "tf-variable-updates")
 
     @property
     def num_replicas_in_sync(self):

@@ -8,7 +8,7 @@ NONE. Inside `scope()` non-trainable floating variables are created with MEAN
 aggregation (`mean_aggregating_creator`), and during a run BatchNormalization
 computes its statistics over the global batch, so the replicas' updates agree
 and training equals one device. Metrics' SUM-aggregated variables need the
-`tf-native-assign-add` fix (see `keras_fixes.native_assign_add`).
+`tf-variable-updates` fix (see `keras_fixes.variable_update`).
 """
 
 import tensorflow as tf
@@ -23,7 +23,6 @@ _strategies = {}
 class TFCentralStorage(TFImplementation):
     """Variables on the storage device, replicas on the compute devices."""
 
-    keras_patches = TFImplementation.keras_patches + ("tf-native-assign-add",)
     default_devices = TFMirrored.default_devices
 
     def __init__(self, strategy, devices, storage_device=None):

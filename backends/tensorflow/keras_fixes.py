@@ -4,6 +4,7 @@ Each `*` function here is a factory: given Keras's original, it returns what
 stands in for it while one of this package's strategies runs.
 """
 
+import contextlib
 import threading
 
 import tensorflow as tf
@@ -50,25 +51,210 @@ def share_weighted_train_step(train_step):
     return step
 
 
-# -- tf-native-assign-add -----------------------------------------------------
-def native_assign_add(original):
-    """Keras implements `Variable.assign_add(delta)` as `assign(self + delta)`.
-    On an `AggregatingVariable` with SUM aggregation (every metric's total and
-    count under CentralStorage), each replica's `assign(old + delta_i)` is
-    summed into `2 * old + sum(delta)`; on a parameter server's variable two
-    workers' read-modify-writes interleave and one is lost. TensorFlow's own
-    `assign_add` reduces the deltas, and is one atomic op on the server."""
+# -- tf-variable-updates ---------------------------------------------------------
+_local = threading.local()  # .active: inside a replica-local optimizer apply
+
+
+@contextlib.contextmanager
+def replica_local_updates():
+    """While entered, this replica's variable updates go to its own copy
+    (see `replica_local_optimizer`)."""
+    previous = getattr(_local, "active", False)
+    _local.active = True
+    try:
+        yield
+    finally:
+        _local.active = previous
+
+
+def _local_target(value):
+    """The variable this replica writes in a replica-local update, or `None`
+    when this replica writes nothing (a variable stored once, updated by
+    replica 0: CentralStorage)."""
+    if isinstance(value, tf.distribute.DistributedValues):
+        return value._get_on_device_or_primary()
+    if isinstance(value, ps_values.AggregatingVariable):
+        context = tf.distribute.get_replica_context()
+        replica = tf.get_static_value(context.replica_id_in_sync_group) if context else 0
+        return value._v if replica in (0, None) else None
+    return value
+
+
+def _stored_once_unaggregated(value):
+    """A CentralStorage variable without aggregation updated in a replica
+    (a random generator's state): replica 0 writes it, as one device would."""
+    return (isinstance(value, ps_values.AggregatingVariable)
+            and value.aggregation == tf.VariableAggregation.NONE
+            and tf.distribute.get_replica_context() is not None
+            and tf.distribute.get_replica_context().num_replicas_in_sync > 1)
+
+
+def variable_update(original):
+    """`Variable.assign`/`assign_add`/`assign_sub` for the strategies' variables.
+
+    - In a replica-local optimizer apply: each replica writes its own copy
+      (all replicas compute the same update from the all-reduced gradients).
+    - Keras implements `assign_add(delta)` as `assign(self + delta)`. On an
+      `AggregatingVariable` with SUM aggregation (every metric's total and
+      count under CentralStorage), each replica's `assign(old + delta_i)` is
+      summed into `2 * old + sum(delta)`; on a parameter server's variable
+      two workers' read-modify-writes interleave and one is lost.
+      TensorFlow's own `assign_add` reduces the deltas, and is one atomic op
+      on the server.
+    """
     name = original.__name__
     native = (ps_values.AggregatingVariable, ps_values.CachingVariable)
 
     def update(self, value):
-        if in_stateless_scope() or not isinstance(self._value, native):
+        if in_stateless_scope():
+            return original(self, value)
+        if getattr(_local, "active", False) or _stored_once_unaggregated(self._value):
+            value = self._convert_to_tensor(value, dtype=self._dtype)
+            target = _local_target(self._value)
+            if target is not None:
+                getattr(target, name)(value)
+            return value
+        if name == "assign" or not isinstance(self._value, native):
             return original(self, value)
         value = self._convert_to_tensor(value, dtype=self._dtype)
         getattr(self._value, name)(value)
         return value
 
     return update
+
+
+def _optimizers(optimizer):
+    """The optimizer and every optimizer it wraps (LossScaleOptimizer)."""
+    while optimizer is not None:
+        yield optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+
+
+def _local_assigns(optimizer):
+    def write(name):
+        def assign(variable, value):
+            from keras.src import backend
+
+            value = tf.cast(value, variable.dtype)
+            target = _local_target(variable.value if isinstance(variable, backend.Variable) else variable)
+            if target is not None:
+                getattr(target, name)(value)
+
+        return assign
+
+    def update_step(grads, trainable_variables, learning_rate):
+        for grad, variable in zip(grads, trainable_variables):
+            if grad is not None:
+                optimizer.update_step(grad, variable, learning_rate)
+
+    def weight_decay(variables):
+        if optimizer.weight_decay is None:
+            return
+        for variable in variables:
+            if optimizer._use_weight_decay(variable):
+                rate = tf.cast(optimizer.learning_rate, variable.dtype) * tf.cast(optimizer.weight_decay, variable.dtype)
+                optimizer.assign_sub(variable, variable * rate)
+
+    def accumulate(grads, accumulators):
+        for grad, accumulator in zip(grads, accumulators):
+            optimizer.assign(accumulator, accumulator + grad)
+
+    def overwrite_with_average(trainable_variables):
+        for variable, average in zip(trainable_variables, optimizer._model_variables_moving_average):
+            optimizer.assign(variable, average)
+
+    functions = {"assign": write("assign"), "assign_add": write("assign_add"), "assign_sub": write("assign_sub"),
+                 "_backend_update_step": update_step, "_apply_weight_decay": weight_decay,
+                 "_backend_increment_gradient_accumulators": accumulate,
+                 "_overwrite_model_variables_with_average_value": overwrite_with_average}
+    if hasattr(optimizer, "_tf_apply"):  # LossScaleOptimizer: its backend-neutral apply, no merge_call
+        functions["_tf_apply"] = optimizer._common_apply
+    return functions
+
+
+@contextlib.contextmanager
+def replica_local_optimizer(optimizer):
+    """While entered, `optimizer` applies updates as one device would, on each
+    replica at once: its `apply` all-reduces the gradients first (the loss
+    was weighted by each replica's share of the global batch, so their sum is
+    the global batch's gradient), then every replica runs Keras's whole
+    `apply` on that gradient and updates its own copy of the variables.
+
+    Keras's TensorFlow optimizer instead all-reduces inside its update step
+    and applies the update in a `merge_call`: clipping (`clipnorm`,
+    `clipvalue`, `global_clipnorm`) then sees each replica's gradient rather
+    than the global one, and every `cond` around an update
+    (`gradient_accumulation_steps`, `use_ema` with an overwrite frequency,
+    `LossScaleOptimizer`) fails with "`merge_call` called while defining a
+    new graph". The patch `tf-replica-local-optimizer`.
+    """
+    from keras_strategies.patches import overriding
+
+    if optimizer is None:
+        yield
+        return
+    original_apply = optimizer.apply
+
+    def apply(grads, trainable_variables=None):
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1 or getattr(_local, "active", False):
+            return original_apply(grads, trainable_variables)
+        present = [g for g in grads if g is not None]
+        reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present) if present else [])
+        grads = [None if g is None else next(reduced) for g in grads]
+        with replica_local_updates():
+            return original_apply(grads, trainable_variables)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(overriding(optimizer, "apply", apply, "tf-replica-local-optimizer"))
+        for inner in _optimizers(optimizer):
+            for name, function in _local_assigns(inner).items():
+                stack.enter_context(overriding(inner, name, function, "tf-replica-local-optimizer"))
+        yield
+
+
+# -- tf-multi-step -----------------------------------------------------------------
+def multi_step_function(model, step_function):
+    """Keras's train/test function for `steps_per_execution > 1` under a
+    strategy with several replicas: `steps_per_execution` steps in one
+    `tf.function`, the next batch fetched only while steps remain.
+
+    Keras's own (`TensorFlowTrainer._make_function`) calls its one-step
+    `tf.function` inside a `tf.cond` in the loop; under MirroredStrategy that
+    fails with "You must feed a value for placeholder tensor
+    'while/cond/Placeholder'". Here the step runs in the loop's body and only
+    the fetch of the next batch is conditional.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    strategy, steps = model.distribute_strategy, model.steps_per_execution
+
+    def one_step(data):
+        outputs = strategy.run(step_function, args=(data,))
+        return tf_trainer.reduce_per_replica(outputs, strategy, reduction="auto")
+
+    @tf.function(reduce_retracing=True)
+    def multi_step(iterator):
+        outputs = one_step(next(iterator))
+
+        def more(step, outputs, following):
+            return tf.logical_and(step < steps, following.has_value())
+
+        def body(step, outputs, following):
+            outputs = one_step(following.get_value())
+            following = tf.cond(step + 1 < steps, iterator.get_next_as_optional, lambda: following)
+            return step + 1, outputs, following
+
+        _, outputs, _ = tf.while_loop(more, body, (tf.constant(1), outputs, iterator.get_next_as_optional()))
+        return outputs
+
+    def function(iterator):
+        try:
+            return multi_step(iterator)
+        except tf.errors.OutOfRangeError:
+            raise StopIteration from None
+
+    return function
 
 
 # -- keras-team/keras#20585 -----------------------------------------------------

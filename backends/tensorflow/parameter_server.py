@@ -13,7 +13,7 @@ the strategy's constructor. At its exit the chief ends them with TensorFlow's
 `Abort` op (exit code 0); a chief that dies is noticed by its port closing.
 
 Traps handled: Keras's `assign_add` is not atomic on a server's variable, and
-two workers lost updates (`tf-native-assign-add`); servers with one inter-op
+two workers lost updates (`tf-variable-updates`); servers with one inter-op
 thread deadlock on a 2-core machine (they get workers + 1).
 """
 
@@ -71,7 +71,7 @@ class _ChiefProbe:
 class TFParameterServer(ParameterServerImplementation, TFImplementation):
     """ParameterServer on TensorFlow."""
 
-    keras_patches = ("tf-native-assign-add",)
+    keras_patches = ("tf-variable-updates",)
     background_roles = ("ps", "worker")  # tf.distribute.Servers: the chief runs the work on them
 
     def __init__(self, strategy, devices, cluster, timeout):

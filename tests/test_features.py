@@ -1,0 +1,50 @@
+"""Every Keras training feature under every strategy of one process, exactly as
+on one device (tests/features.py lists them; the multi-process strategies run
+the same cases in tests/test_multi_worker.py and tests/test_parameter_server.py)."""
+
+import functools
+
+import pytest
+
+import keras_strategies as ks
+from conftest import BACKEND, REPLICA_DEVICES
+from features import BY_NAME, CASES, compare
+
+
+@functools.lru_cache(maxsize=None)
+def one_device(name):
+    return BY_NAME[name].train()
+
+
+STRATEGIES = {
+    "default": lambda: ks.Default(),
+    "mirrored": lambda: ks.Mirrored(devices=REPLICA_DEVICES),
+    "central_storage": lambda: ks.CentralStorage(devices=["cpu:0", "cpu:1"]),
+}
+if BACKEND == "torch":  # Mirrored over two devices is two processes there: tests/test_multi_worker.py
+    del STRATEGIES["mirrored"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_feature_trains_as_on_one_device(strategy, case):
+    want = one_device(case.name)
+    if BACKEND in case.keras_refuses:
+        assert case.keras_refuses[BACKEND] in want.get("error", ""), want
+    got = case.train(distribution=STRATEGIES[strategy]())
+    compare(case, got, want)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_a_second_fit_after_use_ema(strategy):
+    """Plain Keras 3.15 on JAX cannot fit a model with `use_ema` again after
+    an evaluate ("Buffer has been deleted or donated":
+    docs/upstream/jax-ema-donated-average.md); under every strategy it can."""
+    case = BY_NAME["use_ema"]
+    model = case.build()
+    x, y, kwargs, (xv, yv) = case.arguments()
+    distribution = STRATEGIES[strategy]()
+    model.fit(x, y, **kwargs, distribution=distribution)
+    model.evaluate(xv, yv, verbose=0, distribution=distribution)
+    history = model.fit(x, y, **{**kwargs, "epochs": 1}, distribution=distribution)
+    assert len(history.history["loss"]) == 1
