@@ -10,9 +10,10 @@ Every public name is exported here. The package's rooms: `strategies` (what
 each strategy does), `cluster` (who this process is in a job), `launch` (how
 the processes of a job start), `implementation` (what every backend's
 implementation builds on), `backends` (the TensorFlow, JAX and PyTorch
-implementations), and the plumbing beside them: `plugin` (`distribution=` on
-`fit`), `loader` (the active backend's implementation), `patches` (every
-change made to Keras), `errors`, `devices`.
+implementations), and the plumbing beside them: `auto` (the strategy that
+fits where the program runs), `plugin` (`distribution=` on `fit`), `loader`
+(the active backend's implementation), `patches` (every change made to
+Keras), `errors`, `devices`.
 """
 
 import os as _os
@@ -35,6 +36,7 @@ def _load():
     import keras
 
     from keras_strategies import patches, plugin
+    from keras_strategies.auto import auto
     from keras_strategies.cluster import ClusterError, ClusterSpec, resolve_cluster
     from keras_strategies.errors import (
         KerasStrategiesError,
@@ -77,6 +79,7 @@ __all__ = [
     "TPU",
     "UnsupportedStrategyError",
     "WorkerError",
+    "auto",
     "current_strategy",
     "install",
     "resolve_cluster",

@@ -49,3 +49,23 @@ def implementation(strategy, devices, **options):
         if implementation_class is not None:
             return implementation_class.create(strategy, devices, **options)
     raise unsupported(strategy_name, name, f"{module.__name__} has no implementation of it")
+
+
+def local_accelerators():
+    """The active backend's accelerators on this machine, as Keras names.
+
+    Each backend finds them the cheapest way it has
+    (`keras_strategies.backends.<backend>.base.accelerators`): TensorFlow
+    lists its physical devices, PyTorch counts CUDA devices (and asks
+    `torch_xla` for TPUs when it is installed), JAX lists the devices of its
+    default platform.
+
+    Returns:
+        A list such as `["gpu:0", "gpu:1"]` or `["tpu:0", ...]`; `[]` on a
+        machine without accelerators or on a backend this package does not
+        support.
+    """
+    name = backend_name()
+    if name not in SUPPORTED_BACKENDS:
+        return []
+    return importlib.import_module(f"keras_strategies.backends.{name}.base").accelerators()

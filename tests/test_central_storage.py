@@ -145,6 +145,14 @@ def test_torch_replicas():
     assert all(str(v.value.device) == "cpu" for v in state_variables(model))
 
 
+def test_without_devices_one_cpu_holds_the_replica_and_the_variables():
+    """`devices=None`: every local GPU, or one CPU when there is none (on JAX it
+    raised a TypeError: the method borrowed from Mirrored called super())."""
+    strategy = ks.CentralStorage()
+    assert strategy.devices == ["cpu:0"] and strategy.storage_device == "cpu:0"
+    assert strategy.num_replicas_in_sync == 1
+
+
 def test_bad_storage_device():
     with pytest.raises(ks.StrategyError, match="gpu:0"):
         ks.CentralStorage(devices=DEVICES, storage_device="gpu:0")

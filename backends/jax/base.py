@@ -52,7 +52,13 @@ def ensure_cpu_devices(count, strategy_name):
 
 
 def accelerators():
-    """Every GPU or TPU device (Keras names) when the default platform is one, else []."""
+    """Every GPU or TPU device (Keras names) when the default platform is one, else [].
+
+    Used by `Mirrored`'s defaults and by `keras_strategies.auto()`. It starts
+    JAX's backend, as any strategy on one machine does when it is created;
+    `auto()` calls it only when the environment describes no cluster (a
+    multi-process job must run `jax.distributed.initialize()` first).
+    """
     platform = jax.default_backend()
     return keras.distribution.list_devices(platform) if platform in ("gpu", "tpu") else []
 

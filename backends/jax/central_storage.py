@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import keras
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from keras_strategies.backends.jax.base import JaxImplementation
+from keras_strategies.backends.jax.base import JaxImplementation, accelerators
 from keras_strategies.backends.jax.keras_fixes import unaliased_ema
-from keras_strategies.backends.jax.local import JaxMirrored
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.model_state import reset_compiled_functions, state_variables
 from keras_strategies.implementation.placement import resolve_storage_device
@@ -60,7 +59,9 @@ class _CentralStorageDistribution(keras.distribution.DataParallel):
 class JaxCentralStorage(JaxImplementation):
     """Variables on the storage device, the batch sharded over the compute devices."""
 
-    default_devices = JaxMirrored.default_devices
+    def default_devices(self):
+        """Every GPU or TPU device, else the first device, as `Mirrored`."""
+        return accelerators() or JaxImplementation.default_devices(self)
 
     def __init__(self, strategy, devices, storage_device=None):
         self._storage_request = storage_device

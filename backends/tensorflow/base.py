@@ -49,6 +49,20 @@ def gpu_count():
     return len(tf.config.list_physical_devices("GPU"))
 
 
+def accelerators():
+    """This machine's TPU cores, else its GPUs, as Keras names (`"tpu:0"`,
+    `"gpu:1"`); `[]` when it has neither. For `keras_strategies.auto()`.
+
+    `tf.config.list_physical_devices` only lists: the runtime does not start,
+    so logical CPU devices and strategies can still be configured after it.
+    A remote TPU named by `TPU_NAME` is not looked for.
+    """
+    tpus = tf.config.list_physical_devices("TPU")
+    if tpus:
+        return [f"tpu:{i}" for i in range(len(tpus))]
+    return [f"gpu:{i}" for i in range(gpu_count())]
+
+
 def logical_cpu_count():
     """The logical CPU devices TensorFlow has (1 unless split)."""
     cpu = tf.config.list_physical_devices("CPU")[0]

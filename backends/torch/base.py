@@ -1,5 +1,7 @@
 """What the PyTorch implementations share: Keras's own device placement."""
 
+import importlib.util
+
 import torch
 from keras.src.backend.torch import core as torch_core
 
@@ -12,6 +14,27 @@ def torch_device(name):
     """The `torch.device` of a Keras device name."""
     kind, index = parse_device(name)
     return torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
+
+
+def accelerators():
+    """This machine's GPUs, else its TPU cores, as Keras names (`"gpu:1"`,
+    `"tpu:0"`); `[]` when it has neither. For `keras_strategies.auto()`.
+
+    `torch.cuda.device_count()` does not initialise CUDA (a process can still
+    fork, and `torch.distributed` start, after it). TPUs are looked for only
+    when `torch_xla` is installed, as `TPU()` would look for them.
+    """
+    gpus = torch.cuda.device_count()
+    if gpus:
+        return [f"gpu:{i}" for i in range(gpus)]
+    if importlib.util.find_spec("torch_xla") is None:
+        return []
+    from keras_strategies.backends.torch.tpu import find_tpu_devices
+
+    try:
+        return [name for name, _ in find_tpu_devices(None)]
+    except Exception:  # noqa: BLE001  torch_xla without a usable TPU: none here
+        return []
 
 
 def move_variables(model, device):

@@ -52,7 +52,8 @@ class ClusterSpec:
         task types (every source but TF_CONFIG).
 
         Args:
-            rank, world_size: this process and the number of processes.
+            rank: this process's rank.
+            world_size: the number of processes.
             locality: `(local_rank, local_world_size, node_rank)`.
             coordinator: rank 0's `"host:port"`, or `None`.
             source: the source's name.

@@ -36,6 +36,10 @@ class MultiWorkerMirrored(Strategy):
             collectives), the worker prints that error and exits with code 75
             instead, which `except WorkerError` cannot catch.
 
+    Attributes:
+        cluster: the `ClusterSpec` this process runs with.
+        timeout: the seconds it waits for a peer.
+
     Example:
     ```python
     # train.py, started by: keras-strategies launch --nproc-per-node 2 train.py

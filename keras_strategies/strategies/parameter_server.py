@@ -76,6 +76,11 @@ class ParameterServer(Strategy):
             failing with a `WorkerError`. Defaults to
             `KERAS_STRATEGIES_TIMEOUT`, else 1800.
 
+    Attributes:
+        cluster: the `ClusterSpec` this process runs with (its role:
+            `cluster.task_type`).
+        timeout: the seconds it waits for a peer.
+
     Returns:
         A strategy; on the chief, usable as `fit(..., distribution=strategy)`
         or with `strategy.scope()`.
