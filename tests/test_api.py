@@ -39,10 +39,29 @@ def test_properties_and_repr(replica_devices):
     assert ks.OneDevice("/device:CPU:0").devices == ["cpu:0"]
 
 
+def _gpus():
+    """This machine's GPUs, asked of the engine itself (not of the package)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    if BACKEND == "jax":
+        import jax
+
+        return sum(d.platform == "gpu" for d in jax.devices())
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def test_mirrored_without_devices_uses_local_accelerators_or_one_cpu():
     strategy = ks.Mirrored()
-    assert strategy.devices == ["cpu:0"]  # this machine has no accelerator
-    assert strategy.num_replicas_in_sync == 1
+    gpus = _gpus()
+    if gpus and BACKEND == "torch":  # one process per GPU: this process's is one of them
+        assert strategy.num_replicas_in_sync == gpus
+        return
+    assert strategy.devices == ([f"gpu:{i}" for i in range(gpus)] or ["cpu:0"])
+    assert strategy.num_replicas_in_sync == max(1, gpus)
 
 
 def test_scope_yields_strategy_and_nests():

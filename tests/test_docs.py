@@ -31,7 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # Not guides: a contributor's outline of new code, generated benchmark
 # tables, the API reference (mkdocstrings), the build hook.
-NOT_GUIDES = ("adding-a-strategy.md", "benchmarks/", "reference/", "hooks/")
+NOT_GUIDES = ("adding-a-strategy.md", "benchmarks/", "reference/", "hooks/", "upstream/")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```python(?P<info>[^\n]*)\n(?P<code>.*?)^(?P=indent)```[ \t]*$",
                    re.MULTILINE | re.DOTALL)
 
