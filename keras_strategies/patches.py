@@ -128,6 +128,9 @@ PATCHES = (
           "", "model", _TF, "A model built outside the scope runs under the strategy for one call."),
     Patch("jax-late-layout", ("Model._symbolic_build",), "", "model", _JAX,
           "Optimizer slots and metrics created inside fit must be laid out on the mesh too."),
+    Patch("jax-gathered-predict", ("Model.make_predict_function",), "", "model", _JAX,
+          "Multi-process predict: each device computes its slice, and the outputs are gathered to every "
+          "process (Keras's numpy conversion needs them whole); before, every device computed everything."),
     Patch("jax-central-storage-steps",
           ("Model.make_train_function", "Model.make_test_function", "Model.make_predict_function",
            "Optimizer.stateless_apply"), "", "model", _JAX,
@@ -135,6 +138,8 @@ PATCHES = (
     Patch("torch-ddp-step", ("Model.train_step", "Model.get_metrics_result", "Optimizer.apply"),
           "", "model", _TORCH,
           "The forward pass goes through DistributedDataParallel; metrics are reduced over workers."),
+    Patch("torch-synced-build", ("Model._symbolic_build",), "", "model", _TORCH,
+          "What Keras builds at the start of a run (optimizer slots, metrics) starts from rank 0's values."),
     Patch("torch-global-batchnorm", ("BatchNormalization._moments", "BatchNormalization.call"),
           "", "model", _TORCH, "BatchNormalization statistics over the global batch of every worker."),
     Patch("torch-fused-adam", ("Optimizer._backend_update_step",), "", "model", _TORCH,

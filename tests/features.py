@@ -135,11 +135,12 @@ class Case:
             kwargs["callbacks"] = self.callbacks()
         return x, y, kwargs, (xv, yv)
 
-    def train(self, distribution=None, scope=None):
+    def train(self, distribution=None, scope=None, keep_model=False):
         """Trains the case (under `distribution`, or a model built in `scope`).
 
         Returns:
-            A dict of the results to compare, or `{"error": text}`.
+            A dict of the results to compare (and the model under `"model"`
+            with `keep_model`), or `{"error": text}`.
         """
         with self.dtype_policy():
             if scope is not None:
@@ -156,6 +157,7 @@ class Case:
             evaluation = model.evaluate(xv, yv, batch_size=BATCH, verbose=0, return_dict=True, **extra)
             predictions = model.predict(xv, batch_size=BATCH, verbose=0, **extra)
         return {
+            **({"model": model} if keep_model else {}),
             "weights": [np.asarray(w, "float64") for w in model.get_weights()],
             "history": {k: list(map(float, v)) for k, v in history.history.items()},
             "evaluate": {k: float(v) for k, v in evaluation.items()},
@@ -186,6 +188,22 @@ def compare(case, got, want):
                                    err_msg=f"{case}: evaluate {key}")
     for a, b in zip(got["predictions"], want["predictions"]):
         np.testing.assert_allclose(a, b, atol=tolerance, rtol=tolerance, err_msg=f"{case}: predict")
+
+
+def check_save_and_load(result, path):
+    """A model trained under a strategy saves (`model.save`) and loads
+    (`keras.models.load_model`) as an ordinary model: the same weights, the
+    same optimizer state and the same predictions."""
+    model = result["model"]
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    for got, want in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want))
+    _, _, _, (xv, _) = BY_NAME["plain"].arguments()
+    np.testing.assert_allclose(loaded.predict(xv, batch_size=BATCH, verbose=0),
+                               model.predict(xv, batch_size=BATCH, verbose=0), atol=1e-6)
 
 
 def _weights(x, y, xv, yv):

@@ -94,13 +94,13 @@ MODELS = {
 }
 
 
-def build(kind, weights=None, batch_norm=False):
+def build(kind, weights=None, batch_norm=False, optimizer=None):
     model = MODELS[kind](batch_norm=batch_norm)
     model.build((None, FEATURES))
     if weights is not None:
         model.set_weights(weights)
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=0.1),
+        optimizer=optimizer or keras.optimizers.SGD(learning_rate=0.1),
         loss="sparse_categorical_crossentropy",
         metrics=["sparse_categorical_accuracy"],
     )
@@ -133,3 +133,36 @@ def writers(record, path):
     """The pids that saved into `path`, from a RecordingCheckpoint's record."""
     with open(record) as f:
         return {line.split(" ", 1)[0] for line in f.read().splitlines() if line.split(" ", 1)[1] == path}
+
+
+class RowCounter(keras.layers.Layer):
+    """Identity layer that records how many rows this process computes, at run
+    time (each replica's or device's part, not the batch it was handed):
+    `tf.numpy_function` on TensorFlow, a partitioned `jax.debug.callback` on
+    JAX (one call per local device shard), plain Python on PyTorch. Symbolic
+    builds record nothing."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = []
+
+    def call(self, x):
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            def record(n):
+                self.rows.append(int(n))
+                return np.int32(0)
+
+            token = tf.numpy_function(record, [tf.shape(x)[0]], tf.int32)
+            with tf.control_dependencies([token]):
+                return tf.identity(x)
+        if backend == "jax":
+            import jax
+
+            jax.debug.callback(lambda a: self.rows.append(a.shape[0]), x, partitioned=True)
+            return x
+        if x.device.type != "meta":
+            self.rows.append(int(x.shape[0]))
+        return x

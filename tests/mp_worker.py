@@ -37,7 +37,7 @@ rank = strategy.worker_index
 import keras  # noqa: E402
 keras.config.disable_traceback_filtering()
 import numpy as np  # noqa: E402
-from models import build, initial_weights, make_data  # noqa: E402
+from models import RecordingCheckpoint, RowCounter, build, initial_weights, make_data  # noqa: E402
 
 user_dir = os.path.join(args.out, "user")
 os.makedirs(user_dir, exist_ok=True)
@@ -67,16 +67,31 @@ if args.coverage:
 
 x, y = make_data()
 weights = initial_weights(args.kind, args.batch_norm)
+threshold = -1.0
 if args.die_at_step or args.hang_at_step:
     x, y = make_data(n=4096)
     args.epochs = 50
+else:  # a loss between one device's first and second epochs: stop after 2
+    losses = build(args.kind, weights, args.batch_norm).fit(
+        x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history["loss"]
+    threshold = (losses[0] + losses[1]) / 2
 
+
+class StopBelow(keras.callbacks.Callback):
+    """Stops when the epoch's loss is below `threshold`: a decision that the
+    workers take alike only if each sees the global loss, not its own part's."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs["loss"] < threshold:
+            self.model.stop_training = True
+
+
+saves = os.path.join(args.out, "saves.txt")
 callbacks = [
-    keras.callbacks.ModelCheckpoint(os.path.join(user_dir, "ckpt.weights.h5"), save_weights_only=True),
+    RecordingCheckpoint(os.path.join(user_dir, "ckpt.weights.h5"), saves, save_weights_only=True),
     keras.callbacks.CSVLogger(os.path.join(user_dir, "log.csv")),
     keras.callbacks.BackupAndRestore(os.path.join(user_dir, "backup"), delete_checkpoint=False),
-    # no epoch improves the loss by 10: every worker must stop after epoch 2
-    keras.callbacks.EarlyStopping(monitor="loss", min_delta=10.0, patience=1),
+    StopBelow(),
     Fault(),
 ]
 fit = dict(epochs=args.epochs, shuffle=False, verbose=2, callbacks=callbacks)
@@ -98,16 +113,27 @@ if args.pattern == "scope":
 else:
     # a different start on every worker: worker 0's weights must win
     model = build(args.kind, [w + rank for w in weights], args.batch_norm)
+    # before any fit: worker 0's weights already (predict/evaluate/fit alike)
+    before = model.predict(x, batch_size=16, verbose=0, distribution=strategy)
+    evaluation_before = model.evaluate(x, y, batch_size=16, verbose=0, distribution=strategy)
     history = model.fit(*inputs, **batching, distribution=strategy, **fit)
 inputs, batching = data()
 evaluation = model.evaluate(*inputs, **batching, verbose=0, distribution=strategy)
 predictions = model.predict(x, batch_size=16, verbose=0, distribution=strategy)
 
 reference = build(args.kind, weights, args.batch_norm)
+ref_before = reference.predict(x, batch_size=16, verbose=0)
+ref_evaluation_before = reference.evaluate(x, y, batch_size=16, verbose=0)
 ref_history = reference.fit(
-    x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0,
-    callbacks=[keras.callbacks.EarlyStopping(monitor="loss", min_delta=10.0, patience=1)],
-)
+    x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[StopBelow()])
+
+# predict's work is split: each worker computes its half of 64 rows
+counter = keras.Sequential([keras.Input((x.shape[1],)), RowCounter(), keras.layers.Dense(2)])
+counted = counter.predict(x[:64], batch_size=16, verbose=0, distribution=strategy)
+assert np.allclose(counted, counter.predict(x[:64], batch_size=16, verbose=0), atol=1e-6)
+counter.layers[0].rows.clear()
+counter.predict(x[:64], batch_size=16, verbose=0, distribution=strategy)
+
 np.savez(os.path.join(args.out, f"weights{rank}.npz"), *model.get_weights())
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(
@@ -125,6 +151,12 @@ with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             ),
             "max_predict_diff": float(np.abs(predictions - reference.predict(x, verbose=0)).max()),
             "predictions": len(predictions),
+            "predicted_rows": sum(counter.layers[0].rows),
+            "pid": os.getpid(),
+            "max_predict_before_diff": (float(np.abs(before - ref_before).max())
+                                        if args.pattern != "scope" else 0.0),
+            "evaluate_before": evaluation_before if args.pattern != "scope" else ref_evaluation_before,
+            "ref_evaluate_before": ref_evaluation_before,
         },
         f,
     )

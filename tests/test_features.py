@@ -8,7 +8,7 @@ import pytest
 
 import keras_strategies as ks
 from conftest import BACKEND, REPLICA_DEVICES
-from features import BY_NAME, CASES, compare
+from features import BY_NAME, CASES, check_save_and_load, compare
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,3 +48,18 @@ def test_a_second_fit_after_use_ema(strategy):
     model.evaluate(xv, yv, verbose=0, distribution=distribution)
     history = model.fit(x, y, **{**kwargs, "epochs": 1}, distribution=distribution)
     assert len(history.history["loss"]) == 1
+
+
+@pytest.mark.parametrize("pattern", ["fit_argument", "scope"])
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_save_and_load_model_after_training(strategy, pattern, tmp_path):
+    """Trained under the strategy (passed to fit, or the model built in its
+    scope), with momentum slots: equal to one device, then saved and loaded."""
+    case = BY_NAME["momentum"]
+    chosen = STRATEGIES[strategy]()
+    if pattern == "scope":
+        got = case.train(scope=chosen, keep_model=True)
+    else:
+        got = case.train(distribution=chosen, keep_model=True)
+    compare(case, got, one_device(case.name))
+    check_save_and_load(got, str(tmp_path / "model.keras"))

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import BACKEND
 from keras_strategies.launch.ports import free_port
+from models import writers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "mp_worker.py")
@@ -22,6 +23,7 @@ CLUSTER_VARIABLES = (
     "MASTER_ADDR", "MASTER_PORT", "XLA_FLAGS",
 )
 RUN_TIMEOUT = 300
+FEATURES_TIMEOUT = 900
 
 
 def base_env(**extra):
@@ -60,6 +62,26 @@ def run_ranks(envs, out, *worker_args, timeout=RUN_TIMEOUT):
             log.close()
 
 
+def run_launcher(arguments, timeout):
+    """`python -m keras_strategies.launch ARGUMENTS`: (exit code, output).
+    Past `timeout` the launcher gets SIGTERM (it stops every rank, each in
+    its own process group), then SIGKILL."""
+    process = subprocess.Popen([sys.executable, "-m", "keras_strategies.launch", *arguments], env=base_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        text, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        text, _ = process.communicate(timeout=60)
+        text += f"\n(stopped after {timeout}s)"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    return process.returncode, text
+
+
 def output(out, rank):
     with open(os.path.join(out, f"output{rank}.log")) as f:
         return f.read()
@@ -77,16 +99,22 @@ def check_results(out, epochs=2):
         np.testing.assert_array_equal(weights[0][key], weights[1][key])
     for result in results:
         assert result["workers"] == 2 and result["replicas"] == 2
-        # EarlyStopping took the same decision on every worker (after epoch 2 of 3)
+        # a loss-dependent stop took the same decision on every worker (after epoch 2 of 3)
         assert len(result["history"]["loss"]) == len(result["ref_history"]["loss"]) == epochs
         assert result["max_weight_diff"] < 1e-5  # equals one device on the global batches
         for key, values in result["ref_history"].items():
             np.testing.assert_allclose(result["history"][key], values, atol=1e-5)
         np.testing.assert_allclose(result["evaluate"], result["ref_evaluate"], atol=1e-5)
         assert result["predictions"] == 69 and result["max_predict_diff"] < 1e-5
+        # before any fit, every worker predicted and evaluated with worker 0's weights
+        assert result["max_predict_before_diff"] < 1e-5
+        np.testing.assert_allclose(result["evaluate_before"], result["ref_evaluate_before"], atol=1e-5)
+        assert result["predicted_rows"] == 32  # its half of 64 rows, not all of them
     assert [r["is_chief"] for r in results] == [True, False]
     # only the chief wrote, into the user's paths, and nothing else is there
     user = os.path.join(out, "user")
+    assert writers(os.path.join(out, "saves.txt"), os.path.join(user, "ckpt.weights.h5")) == {
+        str(results[0]["pid"])}
     assert sorted(os.listdir(user)) == ["backup", "ckpt.weights.h5", "log.csv"]
     with open(os.path.join(user, "log.csv")) as f:
         assert len(f.read().strip().splitlines()) == epochs + 1  # one writer, one header
@@ -304,3 +332,22 @@ if BACKEND == "torch":
         with open(os.path.join(tmp_path, "log.csv")) as f:
             assert len(f.read().strip().splitlines()) == 3  # one header, two epochs
         assert text.count("Epoch 1/2") == 1
+
+
+def test_every_keras_feature_under_multi_worker_mirrored(tmp_path):
+    """tests/features.py's cases, each equal to one device on every worker of
+    a 2-process job, all in one job (one start), and every worker holding the
+    same weights; models trained under the strategy save and load."""
+    job = os.path.join(HERE, "features_job.py")
+    code, text = run_launcher(["--nproc-per-node", "2", job, str(tmp_path)], FEATURES_TIMEOUT)
+    assert code == 0, text[-4000:]
+    results = []
+    for rank in range(2):
+        with open(os.path.join(tmp_path, f"rank{rank}.json")) as f:
+            results.append(json.load(f))
+    assert [(r["workers"], r["replicas"]) for r in results] == [(2, 2), (2, 2)]
+    failed = {f"rank {r['rank']}: {label}": verdict for r in results
+              for label, verdict in r["verdicts"].items() if verdict != "ok"}
+    assert not failed, "\n".join(f"{k}\n{v}" for k, v in failed.items())
+    assert len(results[0]["verdicts"]) >= 28
+    assert results[0]["fingerprints"] == results[1]["fingerprints"]

@@ -16,12 +16,10 @@ class InputMode:
 
     `global_batches`: every process holds the whole global batch (the
     multi-process strategies feed each process the full input), and each
-    device takes its slice of it. `replicate`: every device gets the whole
-    batch (used for predict, so outputs are addressable on every process).
+    device takes its slice of it.
     """
 
     global_batches = False
-    replicate = False
 
 
 input_mode = InputMode()
@@ -49,7 +47,7 @@ def replicating_distribute_data_input(original):
             return original(per_process_batch, layout, batch_dim_name)
         indivisible = per_process_batch.shape[0] % _batch_partitions(sharding)
         single = jax.process_count() == 1
-        if input_mode.replicate or (indivisible and (single or input_mode.global_batches)):
+        if indivisible and (single or input_mode.global_batches):
             sharding = NamedSharding(sharding.mesh, PartitionSpec())
         if input_mode.global_batches or single:
             batch = per_process_batch

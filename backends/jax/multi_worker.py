@@ -21,6 +21,7 @@ from keras_strategies.backends.jax.base import JaxImplementation
 from keras_strategies.backends.jax.keras_fixes import input_mode
 from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.model_state import state_variables
+from keras_strategies.patches import overriding
 from keras_strategies.implementation.multi_process import (
     MultiProcessImplementation,
     join_error,
@@ -99,16 +100,41 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
     @contextlib.contextmanager
     def run_context(self, model):
         self._lay_out_synced(model)
-        previous = (input_mode.global_batches, input_mode.replicate)
+        previous = input_mode.global_batches
         input_mode.global_batches = True
-        # predict: every device computes whole batches, so every process
-        # holds every prediction, in input order
-        input_mode.replicate = self._method == "predict"
         try:
-            with super().run_context(model):
+            with super().run_context(model), contextlib.ExitStack() as stack:
+                if self._method == "predict" and jax.process_count() > 1:
+                    # each device computes its slice of each batch; every
+                    # process then gathers the whole batch's outputs
+                    stack.enter_context(overriding(model, "make_predict_function", _gathering_maker(model),
+                                                   "jax-gathered-predict"))
                 yield
         finally:
-            input_mode.global_batches, input_mode.replicate = previous
+            input_mode.global_batches = previous
+
+
+def _gathering_maker(model):
+    """A per-model `make_predict_function` whose outputs, sharded over every
+    process's devices, are gathered to every process (Keras turns them into
+    numpy arrays, which needs them whole on each)."""
+    make = model.make_predict_function
+
+    def make_predict_function(force=False):
+        make(force=force)  # Keras sets `model.predict_function` (and returns nothing)
+        function = model.predict_function
+        if getattr(function, "_ks_gathered", False):
+            return function
+
+        def gathered(state, data):
+            outputs, state = function(state, data)
+            return multihost_utils.process_allgather(outputs, tiled=True), state
+
+        gathered._ks_gathered = True
+        model.predict_function = gathered
+        return gathered
+
+    return make_predict_function
 
 
 IMPLEMENTATIONS = {"MultiWorkerMirrored": JaxMultiWorkerMirrored}

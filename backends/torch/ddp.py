@@ -51,19 +51,12 @@ class DataParallelStep:
         self.metric_variables = None  # metric state the last bucket carries
         self.metric_cache = None  # (versions, reduced state) from that bucket
         self.global_count = None  # summed example counts, from that bucket
-        self.needs_sync = False
 
     def sync_weights(self, model):
         """Rank 0's model, optimizer and metric state, to every worker."""
         for variable in state_variables(model):
             if variable._value is not None:
                 dist.broadcast(variable._value.data, src=0)
-
-    def sync_once(self, model):
-        """At the first step of a run, once Keras has built every variable."""
-        if self.needs_sync:
-            self.sync_weights(model)
-            self.needs_sync = False
 
     def _ddp_for(self, model):
         wrapper = self._ddp.get(id(model))
@@ -123,7 +116,6 @@ class DataParallelStep:
         default_metrics = type(model).compute_metrics is Trainer.compute_metrics
 
         def train_step(data):
-            self.sync_once(model)
             self.local_count = batch_size(data)
             x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
             ddp = self._ddp_for(model)
@@ -165,7 +157,6 @@ class DataParallelStep:
         """A user's train_step: gradients are all-reduced in optimizer.apply."""
 
         def step(data):
-            self.sync_once(model)
             self.local_count = batch_size(data)
             self.moments_weight = float(self.local_count)
             self.in_custom_step = True
@@ -214,5 +205,4 @@ class DataParallelStep:
             if optimizer is not None and custom:
                 apply = self.all_reducing_apply(optimizer.apply)
                 stack.enter_context(overriding(optimizer, "apply", apply, "torch-ddp-step"))
-            self.needs_sync = True
             yield

@@ -19,6 +19,27 @@ from keras_strategies.backends.torch.fused_adam import fused_adam
 from keras_strategies.backends.torch.layout import copy_free_layouts
 from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.multi_process import MultiProcessImplementation
+from keras_strategies.patches import overriding
+
+
+def gather_parts(outputs, examples, world):
+    """Every worker's `predict` outputs for its contiguous part of `examples`,
+    concatenated in input order on every worker (one all-gather per output)."""
+    import keras
+    import numpy as np
+
+    bounds = [data_lib.chunk_bounds(examples, r, world) for r in range(world)]
+    longest = max(hi - lo for lo, hi in bounds)
+
+    def gather(part):
+        part = np.asarray(part)
+        padded = torch.zeros((longest, *part.shape[1:]), dtype=torch.from_numpy(part[:0]).dtype)
+        padded[:len(part)] = torch.from_numpy(np.ascontiguousarray(part))
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        return np.concatenate([g[:hi - lo].numpy() for g, (lo, hi) in zip(gathered, bounds)])
+
+    return keras.tree.map_structure(gather, outputs)
 
 
 class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
@@ -69,10 +90,18 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
             raise self.join_error(error) from error
 
     def prepare_call(self, model, method, arguments):
-        return data_lib.shard_call(
-            method, arguments, self.cluster.rank, self.cluster.world_size, self.strategy,
-            seed=data_lib.shuffle_seed(),
-        )
+        rank, world = self.cluster.rank, self.cluster.world_size
+        self._predicted = None
+        if method == "predict":
+            # every worker predicts its part; the parts are gathered after
+            self._predicted = data_lib.shard_predict(arguments, rank, world)
+            return arguments
+        return data_lib.shard_call(method, arguments, rank, world, self.strategy, seed=data_lib.shuffle_seed())
+
+    def finish_call(self, model, method, result):
+        if self._predicted is None:
+            return result
+        return gather_parts(result, self._predicted, self.cluster.world_size)
 
     @contextlib.contextmanager
     def run_context(self, model):
@@ -80,9 +109,23 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
             if not self.multi_process:
                 yield
                 return
+            self.step.sync_weights(model)  # rank 0's state everywhere, whatever runs first
             with self.step.training(model, self.cluster.world_size), \
-                    global_batch_normalization(model, self.step):
+                    global_batch_normalization(model, self.step), \
+                    overriding(model, "_symbolic_build", self._synced_build(model), "torch-synced-build"):
                 yield
+
+    def _synced_build(self, model):
+        """`_symbolic_build`, then rank 0's values of what it created (the
+        optimizer's slots, the metrics: each worker's own until then)."""
+        build = model._symbolic_build
+
+        def symbolic_build(*args, **kwargs):
+            result = build(*args, **kwargs)
+            self.step.sync_weights(model)
+            return result
+
+        return symbolic_build
 
 
 IMPLEMENTATIONS = {"MultiWorkerMirrored": TorchMultiWorkerMirrored}

@@ -109,6 +109,10 @@ class Implementation(abc.ABC):
         """Entered around each fit/evaluate/predict of the model."""
         return self.scope()
 
+    def finish_call(self, model, method, result):
+        """Rewrites what Keras's method returned (still inside the run)."""
+        return result
+
     # -- one fit/evaluate/predict --------------------------------------------
     def run(self, model, method, original, arguments, attached):
         """Runs Keras's own `original` method under this strategy.
@@ -130,7 +134,7 @@ class Implementation(abc.ABC):
                 self.attach(model)
             try:
                 with self.run_context(model):
-                    result = original(*arguments.args, **arguments.kwargs)
+                    result = self.finish_call(model, method, original(*arguments.args, **arguments.kwargs))
             except BaseException:
                 if not attached:
                     with contextlib.suppress(Exception):  # the first error is the one to see

@@ -266,6 +266,29 @@ def shard_call(method, arguments, rank, world, strategy, seed=0):
     return arguments
 
 
+def shard_predict(arguments, rank, world):
+    """Worker `rank`'s contiguous part of `predict`'s array input, and the
+    per-worker batch size (`batch_size` is the global batch). Other inputs
+    are left whole (every worker predicts every example).
+
+    Args:
+        arguments: the call's `inspect.BoundArguments` (changed in place).
+        rank, world: this worker and the number of workers.
+
+    Returns:
+        The number of examples of the whole input when it was split, else `None`.
+    """
+    a = arguments.arguments
+    x = a.get("x")
+    if world == 1 or not is_array_like(x):
+        return None
+    n = _num_examples(x)
+    lo, hi = chunk_bounds(n, rank, world)
+    a["x"] = take(x, np.arange(lo, hi))
+    a["batch_size"] = max(1, (a.get("batch_size") or 32) // world)
+    return n
+
+
 def split_validation(arguments):
     """`fit(validation_split=...)` on arrays, done before the input is rewritten
     (Keras cannot split a dataset): the last fraction, as Keras does."""

@@ -1,0 +1,65 @@
+"""Every case of tests/features.py under MultiWorkerMirrored, in one job.
+
+    python -m keras_strategies.launch --nproc-per-node 2 tests/features_job.py OUT_DIR [CASE ...]
+
+Run by each worker: trains every case on one device (locally) and under the
+strategy, compares them (`features.compare`), and writes `OUT_DIR/rank<r>.json`
+with each case's verdict and a fingerprint of its final weights (every worker
+must hold the same). A model trained with the strategy passed to `fit`, and
+one built in its scope, are also saved and loaded.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras_strategies as ks  # noqa: E402  (before the backend starts)
+
+strategy = ks.MultiWorkerMirrored()
+
+import numpy as np  # noqa: E402
+from features import BY_NAME, CASES, check_save_and_load, compare  # noqa: E402
+
+out = sys.argv[1]
+names = sys.argv[2:] or [case.name for case in CASES]
+rank = strategy.worker_index
+
+
+def fingerprint(result):
+    """A few numbers that differ when the weights differ at all (None when
+    Keras refused the case, as the test on one device expected)."""
+    if "weights" not in result:
+        return None
+    return [float(np.sum(w * (1.0 + np.arange(w.size).reshape(w.shape) % 7))) for w in result["weights"]]
+
+
+def run(name, checks=(), **how):
+    case = BY_NAME[name]
+    want = case.train()
+    got = case.train(**how, keep_model="save" in checks)
+    compare(case, got, want)
+    return got
+
+
+verdicts, fingerprints = {}, {}
+plan = [(name, {"distribution": strategy}) for name in names]
+plan += [("momentum/scope", {"scope": strategy, "checks": ("save",)}),
+         ("momentum/save", {"distribution": strategy, "checks": ("save",)})]
+for label, how in plan:
+    name = label.split("/")[0]
+    try:
+        got = run(name, **how)
+        if "save" in how.get("checks", ()):
+            check_save_and_load(got, os.path.join(out, f"{label.replace('/', '-')}-{rank}.keras"))
+        verdicts[label] = "ok"
+        fingerprints[label] = fingerprint(got)
+    except Exception:  # noqa: BLE001 - every case is reported, the test fails on any
+        verdicts[label] = traceback.format_exc()[-3000:]
+    print(f"{label}: {'ok' if verdicts[label] == 'ok' else 'FAILED'}", flush=True)
+
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"rank": rank, "workers": strategy.num_workers, "replicas": strategy.num_replicas_in_sync,
+               "verdicts": verdicts, "fingerprints": fingerprints}, f)
