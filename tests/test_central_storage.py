@@ -91,18 +91,19 @@ def test_two_replicas_and_default_storage():
 @pytest.mark.skipif(BACKEND == "torch", reason="torch has one CPU device; see test_torch_replicas")
 @pytest.mark.parametrize("pattern", ["fit_argument", "scope"])
 def test_variables_live_on_the_storage_device(pattern):
-    """With storage on cpu:1, every variable (model, optimizer, metrics) is on
-    cpu:1 and only there, between steps and after training."""
+    """With storage on cpu:1, every variable (model, optimizer with Adam's
+    slots, metrics) is on cpu:1 and only there, between steps and after
+    training."""
     x, y = make_data(n=64)
     strategy = ks.CentralStorage(devices=DEVICES, storage_device="cpu:1")
     assert strategy.storage_device == "cpu:1"
     weights = initial_weights("functional", batch_norm=True)
-    if pattern == "scope":
+    if pattern == "scope":  # the tf.distribute idiom: the optimizer is made in the scope too
         with strategy.scope():
-            model = build("functional", weights, batch_norm=True)
+            model = build("functional", weights, batch_norm=True, optimizer=keras.optimizers.Adam(1e-2))
         kwargs = {}
     else:
-        model = build("functional", weights, batch_norm=True)
+        model = build("functional", weights, batch_norm=True, optimizer=keras.optimizers.Adam(1e-2))
         kwargs = {"distribution": strategy}
     seen = []
 
@@ -115,6 +116,8 @@ def test_variables_live_on_the_storage_device(pattern):
                 seen.append(set().union(*(storage_devices(v) for v in state_variables(self.model))))
 
     train(model, x, y, callbacks=[Where()], **kwargs)
+    # Adam's momenta and velocities (two per trainable variable) were there too
+    assert len(model.optimizer.variables) >= 2 + 2 * len(model.trainable_variables)
     assert seen and all(devices == {"cpu:1"} for devices in seen), seen
     if pattern == "scope":
         for variable in state_variables(model):

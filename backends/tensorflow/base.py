@@ -216,6 +216,17 @@ class TFImplementation(Implementation):
 
     @contextlib.contextmanager
     def run_context(self, model):
-        with global_batch_training(model, self.num_replicas_in_sync, self):
-            with self.scope():
-                yield
+        with global_batch_training(model, self.num_replicas_in_sync, self), self.scope(), \
+                self._optimizer_under_strategy(model):
+            yield
+
+    def _optimizer_under_strategy(self, model):
+        """An optimizer created outside the scope, given to a model compiled
+        in it, runs under the strategy (tf.distribute refuses it: "Mixing
+        different tf.distribute.Strategy objects"), as long as it has not
+        built its slots elsewhere."""
+        optimizer = getattr(model, "optimizer", None)
+        if (optimizer is None or optimizer.built or not hasattr(optimizer, "_distribution_strategy")
+                or optimizer._distribution_strategy is self.native):
+            return contextlib.nullcontext()
+        return overriding(optimizer, "_distribution_strategy", self.native, "tf-strategy-attributes")
