@@ -37,7 +37,7 @@ rank = strategy.worker_index
 import keras  # noqa: E402
 keras.config.disable_traceback_filtering()
 import numpy as np  # noqa: E402
-from models import RecordingCheckpoint, RowCounter, build, initial_weights, make_data  # noqa: E402
+from models import RecordingCheckpoint, RowCounter, build, initial_weights, listening_sockets, make_data  # noqa: E402,E501
 
 user_dir = os.path.join(args.out, "user")
 os.makedirs(user_dir, exist_ok=True)
@@ -153,6 +153,7 @@ with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             "predictions": len(predictions),
             "predicted_rows": sum(counter.layers[0].rows),
             "pid": os.getpid(),
+            "listening": listening_sockets(),
             "max_predict_before_diff": (float(np.abs(before - ref_before).max())
                                         if args.pattern != "scope" else 0.0),
             "evaluate_before": evaluation_before if args.pattern != "scope" else ref_evaluation_before,

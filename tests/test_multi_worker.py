@@ -14,7 +14,7 @@ import pytest
 
 from conftest import BACKEND
 from keras_strategies.launch.ports import free_port
-from models import writers
+from models import is_loopback_address, writers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "mp_worker.py")
@@ -87,13 +87,27 @@ def output(out, rank):
         return f.read()
 
 
-def check_results(out, epochs=2):
+def check_listening(results, tf_ports=None):
+    """A job on this machine listens on loopback only; TensorFlow's gRPC
+    server (one per worker) listens on every interface: it has no option."""
+    for result in results:
+        open_ports = sorted(port for address, port in result["listening"] if not is_loopback_address(address))
+        if BACKEND != "tensorflow":
+            assert open_ports == [], result["listening"]
+        elif tf_ports is not None:
+            assert open_ports == [tf_ports[result["rank"]]], result["listening"]
+        else:
+            assert len(open_ports) == 1, result["listening"]
+
+
+def check_results(out, epochs=2, tf_ports=None):
     results = []
     for rank in range(2):
         path = os.path.join(out, f"rank{rank}.json")
         assert os.path.exists(path), output(out, rank)[-3000:]
         with open(path) as f:
             results.append(json.load(f))
+    check_listening(results, tf_ports)
     weights = [np.load(os.path.join(out, f"weights{r}.npz")) for r in range(2)]
     for key in weights[0].files:  # every worker holds identical weights
         np.testing.assert_array_equal(weights[0][key], weights[1][key])
@@ -210,7 +224,7 @@ def test_tf_config_with_py_dataset_a_shuffled_epoch_and_a_convnet(tmp_path):
     codes = run_ranks(envs, tmp_path, "--input", "py_dataset", "--coverage", "--kind", "convnet",
                       "--batch-norm")
     assert codes == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
-    check_results(tmp_path)
+    check_results(tmp_path, tf_ports=ports)
     # a shuffled epoch sees each example exactly once, on every worker
     seen = [np.load(os.path.join(tmp_path, f"coverage{r}.npy")) for r in range(2)]
     np.testing.assert_array_equal(seen[0], seen[1])
@@ -303,7 +317,7 @@ if BACKEND == "torch":
         """`python train.py` with Mirrored over 2 devices starts 2 processes,
         which obey the multi-process rules: only the chief prints progress and
         writes into the user's paths."""
-        from models import writers
+        from models import is_loopback_address, writers
 
         script = os.path.join(tmp_path, "train.py")
         with open(script, "w") as f:

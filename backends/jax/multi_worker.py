@@ -10,6 +10,7 @@ Metrics live in replicated arrays, so every worker reports global values.
 """
 
 import contextlib
+import functools
 
 import jax
 import keras
@@ -25,6 +26,7 @@ from keras_strategies.patches import overriding
 from keras_strategies.implementation.multi_process import (
     MultiProcessImplementation,
     join_error,
+    loopback_only,
     own_coordinator,
 )
 
@@ -36,9 +38,14 @@ def _initialize(cluster, timeout, name):
         return  # the user (or Keras) joined already
     # CPU collectives across processes need gloo; GPUs and TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    coordinator = own_coordinator(cluster)
+    local, host = loopback_only(cluster)
+    if local:  # every process is here: listen on loopback only (JAX's default is every interface)
+        _gloo_on(host)
     try:
         jax.distributed.initialize(
-            coordinator_address=own_coordinator(cluster),
+            coordinator_address=coordinator,
+            coordinator_bind_address=_address(host, coordinator.rsplit(":", 1)[1]) if local else None,
             num_processes=cluster.world_size,
             process_id=cluster.rank,
             initialization_timeout=int(timeout),
@@ -47,6 +54,22 @@ def _initialize(cluster, timeout, name):
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise join_error(name, "jax", cluster, timeout, error) from error
     jax_distribution_lib.initialize_rng()  # the same Keras seed on every process
+
+
+def _address(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _gloo_on(host):
+    """JAX's gloo CPU collectives listen on `host` (JAX passes no address:
+    gloo takes the one this machine's hostname resolves to)."""
+    from jax._src import xla_bridge
+
+    make = xla_bridge._jax.make_gloo_tcp_collectives
+    if not getattr(make, "_ks_host", None):
+        bound = functools.partial(make, hostname=host)
+        bound._ks_host = host
+        xla_bridge._jax.make_gloo_tcp_collectives = bound
 
 
 class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):

@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
+from keras_strategies.backends.torch.store import loopback_init_method
 from keras_strategies.cluster.spec import is_loopback
+from keras_strategies.implementation.multi_process import loopback_interface
 
 _INCARNATIONS = "keras_strategies/incarnation/"
 _ALL = "names/_ALL_WORKER_INFOS"  # torch's TensorPipe agent keeps the members here
@@ -33,9 +35,9 @@ def server_names(cluster):
     return [f"ps{i}" for i in range(cluster.num_ps)]
 
 
-def _options(coordinator, timeout, processes):
+def _options(init_method, timeout, processes):
     return rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://{coordinator}",
+        init_method=init_method,
         num_worker_threads=max(16, 2 * processes + 4),
         rpc_timeout=timeout,
         # TCP only, one channel: 9 threads and 1 port per process instead of
@@ -57,8 +59,10 @@ def join(cluster, coordinator, timeout):
         `(name, rank)` this process joined as.
     """
     host, port = coordinator.rsplit(":", 1)
-    if is_loopback(host):
-        os.environ.setdefault("TP_SOCKET_IFNAME", "lo")  # every peer is here: loopback only
+    init_method = f"tcp://{coordinator}"
+    if is_loopback(host):  # every peer is here: the store and TensorPipe listen on loopback only
+        os.environ.setdefault("TP_SOCKET_IFNAME", loopback_interface())
+        init_method = loopback_init_method("127.0.0.1" if host == "localhost" else host, int(port))
     name = process_name(cluster)
     processes = cluster.world_size + cluster.num_ps
     incarnation = 0
@@ -68,7 +72,7 @@ def join(cluster, coordinator, timeout):
         incarnation = store.add(_INCARNATIONS + name, 1) - 1
     rank = cluster.process_index + processes * incarnation
     rpc.init_rpc(name, rank=rank, world_size=None,
-                 rpc_backend_options=_options(coordinator, timeout, processes))
+                 rpc_backend_options=_options(init_method, timeout, processes))
     return name, rank
 
 

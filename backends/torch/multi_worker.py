@@ -8,6 +8,7 @@ puts them together for each run.
 
 import contextlib
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -17,8 +18,13 @@ from keras_strategies.backends.torch.batchnorm import global_batch_normalization
 from keras_strategies.backends.torch.ddp import DataParallelStep
 from keras_strategies.backends.torch.fused_adam import fused_adam
 from keras_strategies.backends.torch.layout import copy_free_layouts
+from keras_strategies.backends.torch.store import loopback_init_method
 from keras_strategies.implementation import data as data_lib
-from keras_strategies.implementation.multi_process import MultiProcessImplementation
+from keras_strategies.implementation.multi_process import (
+    MultiProcessImplementation,
+    loopback_interface,
+    loopback_only,
+)
 from keras_strategies.patches import overriding
 
 
@@ -81,13 +87,24 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
         try:
             dist.init_process_group(
                 backend="nccl" if torch.cuda.is_available() else "gloo",
-                init_method=f"tcp://{self.cluster.coordinator}",
+                init_method=self._init_method(),
                 rank=self.cluster.rank,
                 world_size=self.cluster.world_size,
                 timeout=datetime.timedelta(seconds=self.timeout),
             )
         except Exception as error:  # noqa: BLE001 - re-raised with context
             raise self.join_error(error) from error
+
+    def _init_method(self):
+        """torch's `tcp://` store, which listens on every interface; when every
+        rank is on this machine, one that listens on loopback only (and gloo
+        too). Under torchrun's agent store torch connects to torchrun's."""
+        local, host = loopback_only(self.cluster)
+        if local:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+        if not local or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return f"tcp://{self.cluster.coordinator}"
+        return loopback_init_method(host, int(self.cluster.coordinator.rsplit(":", 1)[1]))
 
     def prepare_call(self, model, method, arguments):
         rank, world = self.cluster.rank, self.cluster.world_size

@@ -11,9 +11,11 @@ for a peer that died or hung.
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 
 from keras_strategies.cluster import resolve_cluster
+from keras_strategies.cluster.spec import is_loopback
 from keras_strategies.errors import StrategyError, WorkerError
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.chief_only import for_this_worker
@@ -41,6 +43,26 @@ def own_coordinator(cluster, environ=None):
         host, port = cluster.coordinator.rsplit(":", 1)
         return f"{host}:{int(port) + 1}"
     return cluster.coordinator
+
+
+def loopback_only(cluster):
+    """Whether every process of the job is on this machine: the coordinator
+    is a loopback address (no other machine could reach it). The engines are
+    then told to listen on loopback only.
+
+    Returns:
+        `(True, host)` with the coordinator's host, or `(False, None)`.
+    """
+    if not cluster.coordinator:
+        return False, None
+    host = cluster.coordinator.rsplit(":", 1)[0].strip("[]")
+    return (True, "127.0.0.1" if host == "localhost" else host) if is_loopback(host) else (False, None)
+
+
+def loopback_interface():
+    """The loopback interface's name (`lo` on Linux, `lo0` on macOS)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), "lo")
 
 
 def join_error(strategy_name, backend, cluster, timeout, error):
