@@ -16,7 +16,7 @@ import pytest
 from conftest import BACKEND
 from keras_strategies.launch.ports import free_port
 from models import writers
-from test_multi_worker import base_env
+from test_multi_worker import base_env, run_launcher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "ps_job.py")
@@ -259,3 +259,39 @@ def test_jax_without_torch_names_the_extra_to_install(monkeypatch):
                        match=r"ParameterServer on the jax backend: .*torch.distributed.rpc.*"
                              r"keras-strategies\[parameter-server\]"):
         ks.ParameterServer(cluster=spec)
+
+
+# With one worker every update is applied before the next step reads (staleness
+# 0), so ParameterServer must train exactly as one device. steps_per_epoch is
+# left out: the workers read endless passes (as TensorFlow's do), one device
+# stops where its input runs out. On PyTorch and JAX a worker trains the model
+# and input of its own first fit for the whole job: the cases that share them
+# run, and two that change them must be refused (`!`).
+SAME_WORKER_INPUT = [
+    "plain", "validation_data", "initial_epoch", "gradient_accumulation_steps", "use_ema",
+    "use_ema_overwrite_frequency", "clipnorm", "global_clipnorm", "clipvalue", "adamw_weight_decay", "momentum",
+    "learning_rate_schedule", "reduce_lr_on_plateau", "learning_rate_scheduler", "early_stopping_restore_best",
+]
+PS_FEATURES = {
+    "tensorflow": SAME_WORKER_INPUT + [
+        "sample_weight", "class_weight", "validation_split", "dict_inputs_outputs_loss_weights",
+        "list_inputs_outputs_loss_weights", "mixed_bfloat16", "mixed_float16_loss_scaling", "dropout",
+        "gaussian_noise", "steps_per_execution"],
+}
+PS_FEATURES["torch"] = PS_FEATURES["jax"] = SAME_WORKER_INPUT + ["!sample_weight", "!dropout"]
+
+
+def test_keras_features_with_one_worker_equal_one_device(tmp_path):
+    """tests/features.py's cases under ParameterServer (chief, one worker, one
+    server) in one job: each equal to one device, every update at staleness 0."""
+    cases = PS_FEATURES[BACKEND]
+    code, text = run_launcher(["--nproc-per-node", "3", "--num-ps", "1",
+                               os.path.join(HERE, "ps_features_job.py"), str(tmp_path), *cases], RUN_TIMEOUT)
+    assert code == 0, text[-4000:]
+    with open(os.path.join(tmp_path, "chief.json")) as f:
+        res = json.load(f)
+    assert (res["workers"], res["ps"]) == (1, 1)
+    failed = {label: verdict for label, verdict in res["verdicts"].items() if verdict != "ok"}
+    assert not failed, "\n".join(f"{k}\n{v}" for k, v in failed.items())
+    assert sorted(res["verdicts"]) == sorted(cases)
+    assert set(res["staleness"].values()) == {0.0}, res["staleness"]

@@ -16,7 +16,7 @@ import time
 import torch.distributed.rpc as rpc
 
 from keras_strategies.backends.rpc import group, worker
-from keras_strategies.errors import WorkerError
+from keras_strategies.errors import StrategyError, WorkerError
 
 _coordinator = [None]  # this process's Coordinator (the chief's)
 
@@ -24,6 +24,15 @@ _coordinator = [None]  # this process's Coordinator (the chief's)
 def register(name, rank, signature):
     """Called by a worker entering its fit: it is ready for updates."""
     return _coordinator[0].register(name, rank, signature)
+
+
+def _mismatch(name, theirs, ours):
+    """Why worker `name` cannot compute the chief's updates."""
+    what = " and ".join(key for key in ("model", "input") if theirs[key] != ours[key])
+    return (f"ParameterServer: {name} computes with another {what} than this fit of the chief. A worker trains "
+            f"the model and input its own script passed to its fit() (the first one), for the whole job: run one "
+            f"model and one training input per job, the same on every process (validation data, callbacks and "
+            f"optimizer settings may change between the chief's fits).")
 
 
 class Coordinator:
@@ -38,7 +47,9 @@ class Coordinator:
         self.timeout = implementation.timeout
         self.lock = threading.Lock()
         self.ranks = {}  # worker name -> rank of its live incarnation
-        self.signature = None  # what the workers' models must look like
+        self.signature = None  # what the workers' models and inputs must be (`_signature`)
+        self.signatures = {}  # worker name -> its signature
+        self.fit_index = 0  # the chief's fits so far: a worker reads a new pass of its input for each
         self.idle = collections.deque()  # ready workers without an update
         self.busy = {}  # worker name -> step id in flight
         self.pending = collections.deque()  # step ids not yet given out
@@ -53,18 +64,25 @@ class Coordinator:
     def register(self, name, rank, signature):
         with self.lock:
             if self.signature is not None and signature != self.signature:
-                return (f"{name}'s model does not match the chief's: every process must build the same "
-                        "model (the same script) before its fit")
+                return _mismatch(name, signature, self.signature)
             self.ranks[name] = rank
+            self.signatures[name] = signature
             if name not in self.idle and name not in self.busy:
                 self.idle.append(name)
         self.reports.put((None, None, None))  # wakes the dispatcher
         return None
 
     def expect(self, signature):
-        """The model every worker's must match (the chief's, at each fit)."""
+        """The model and input every worker's must match (the chief's, at
+        each fit); a `StrategyError` when a worker that joined already
+        computes with another."""
         with self.lock:
             self.signature = signature
+            self.fit_index += 1
+            wrong = [(name, theirs) for name, theirs in self.signatures.items()
+                     if name in self.ranks and theirs != signature]
+        if wrong:
+            raise StrategyError(_mismatch(wrong[0][0], wrong[0][1], signature))
 
     def _give_up(self, name, reason):
         with self.lock:
@@ -103,7 +121,7 @@ class Coordinator:
                 name = self.idle.popleft()
                 step = self.pending.popleft()
                 self.busy[name] = step
-            call = rpc.rpc_async(name, worker.run_step, args=(step,), timeout=self.timeout)
+            call = rpc.rpc_async(name, worker.run_step, args=(step, self.fit_index), timeout=self.timeout)
             call.add_done_callback(lambda done, name=name, step=step: self.reports.put((name, step, done)))
 
     def results(self, wait_for=None):

@@ -25,6 +25,8 @@ from keras_strategies.implementation.parameter_server import (
     ParameterServerImplementation,
     PeerWatch,
     first_batch,
+    fit_plan,
+    input_fingerprint,
     slow_worker_delay,
     wait_until,
     worker_batches,
@@ -40,8 +42,12 @@ def finish(reason):
     return True
 
 
-def _signature(model):
-    return [(v.path, tuple(v.shape), str(v.dtype)) for v in synchronised(model)]
+def _signature(model, plan):
+    """What a worker's fit must share with the chief's: the model (its layers,
+    dtype policies and variables) and the input (`input_fingerprint`)."""
+    layers = [(type(layer).__name__, layer.dtype_policy.name) for layer in model._flatten_layers(include_self=False)]
+    return {"model": (layers, [(tuple(v.shape), str(v.dtype)) for v in synchronised(model)]),
+            "input": input_fingerprint(plan)}
 
 
 class RpcParameterServer(ParameterServerImplementation):
@@ -49,6 +55,7 @@ class RpcParameterServer(ParameterServerImplementation):
 
     def __init__(self, strategy, devices, cluster, timeout):
         super().__init__(strategy, devices, cluster, timeout)
+        self._pulled = None  # the servers' versions at the chief's last pull
         coordinator = own_coordinator(cluster)
         try:
             self.member, self.rank = group.join(cluster, coordinator, timeout)
@@ -94,7 +101,7 @@ class RpcParameterServer(ParameterServerImplementation):
         model._symbolic_build(data_batch=first_batch(plan.x, plan.y, plan.sample_weight, plan.batch_size))
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        self.coordinator.expect(_signature(model))
+        self.coordinator.expect(_signature(model, plan))
 
     def start_fit(self, model):
         servers = group.server_names(self.cluster)
@@ -115,6 +122,7 @@ class RpcParameterServer(ParameterServerImplementation):
         import torch.distributed.rpc as rpc
 
         variables = synchronised(model)
+        self._pulled = None
         config = keras.optimizers.serialize(model.optimizer)
         optimizer_values = {v.name: group.to_wire(v.value) for v in model.optimizer.variables}
         shares = [[(i, v.path, v.trainable, group.to_wire(v.value)) for i, v in enumerate(variables)
@@ -154,6 +162,10 @@ class RpcParameterServer(ParameterServerImplementation):
         variables = synchronised(model)
         names = group.server_names(self.cluster)
         states = [rpc.rpc_sync(name, server.state, timeout=self.timeout) for name in names]
+        versions = [version for _, _, version in states]
+        if versions == self._pulled:
+            return  # nothing applied since: the chief's values stand (after fit, `use_ema`'s averages)
+        self._pulled = versions
         by_name = {v.name: v for v in model.optimizer.variables} if model.optimizer else {}
         for values, optimizer_values, _ in states:
             for index, value in values.items():
@@ -205,13 +217,16 @@ class RpcParameterServer(ParameterServerImplementation):
                 f"ParameterServer: a worker computes updates inside its fit(); this worker called "
                 f"{method}() first. Run evaluate()/predict() on the chief (`if strategy.is_chief:`)."
             )
-        batches = worker_batches(arguments, self.worker_index)
-        model._symbolic_build(data_batch=next(batches))
+        model._symbolic_build(data_batch=next(worker_batches(arguments, self.worker_index)))
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        batches = map(self.to_batch, batches)
+
+        def batches():
+            return map(self.to_batch, worker_batches(arguments, self.worker_index))
+
+        signature = _signature(model, fit_plan(arguments, self))
         try:
-            refusal = rpc.rpc_sync("chief", chief.register, args=(self.member, self.rank, _signature(model)),
+            refusal = rpc.rpc_sync("chief", chief.register, args=(self.member, self.rank, signature),
                                    timeout=self.timeout)
         except Exception:  # noqa: BLE001 - the chief finished (or died) before this worker came
             self.watch.finished.wait(timeout=10.0)

@@ -20,14 +20,15 @@ import torch.distributed.rpc as rpc
 from keras_strategies.backends.rpc import group, server
 from keras_strategies.backends.rpc.group import to_wire
 
-_jobs = queue.Queue()  # (step id, future) from the chief, for the main thread
+_jobs = queue.Queue()  # (step id, fit index, future) from the chief, for the main thread
 
 
 @rpc.functions.async_execution
-def run_step(step_id):
-    """Called by the chief: queues one update; the future holds its report."""
+def run_step(step_id, fit_index=0):
+    """Called by the chief: queues one update of its `fit_index`-th fit; the
+    future holds its report."""
     future = torch.futures.Future()
-    _jobs.put((step_id, future))
+    _jobs.put((step_id, fit_index, future))
     return future
 
 
@@ -54,14 +55,17 @@ class Worker:
         backend: the ParameterServer implementation of this process (its
             `compute(model, batch, values)`, `from_wire`, and names).
         model: the worker's own model.
-        batches: an endless iterator over the worker's batches.
+        batches: a callable returning an endless iterator over the worker's
+            batches; each fit of the chief reads from a new one, so every
+            fit starts at the beginning of a pass, as on one device.
         delay: seconds added to each step (a test-only hook).
     """
 
     def __init__(self, backend, model, batches, delay=0.0):
         self.backend = backend
         self.model = model
-        self.batches = batches
+        self.new_batches = batches
+        self.batches, self.fit_index = None, None
         self.delay = delay
         self.variables = synchronised(model)
         self.servers = group.server_names(backend.cluster)
@@ -71,9 +75,11 @@ class Worker:
         """Runs updates until the chief is done (`watch.finished`)."""
         while not watch.finished.is_set():
             try:
-                step_id, future = _jobs.get(timeout=0.2)
+                step_id, fit_index, future = _jobs.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if fit_index != self.fit_index:
+                self.batches, self.fit_index = self.new_batches(), fit_index
             future.set_result(self.step(step_id))
 
     def step(self, step_id):

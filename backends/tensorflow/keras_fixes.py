@@ -197,11 +197,12 @@ def replica_local_optimizer(optimizer):
 
     def apply(grads, trainable_variables=None):
         context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1 or getattr(_local, "active", False):
+        if context is None or getattr(_local, "active", False):
             return original_apply(grads, trainable_variables)
-        present = [g for g in grads if g is not None]
-        reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present) if present else [])
-        grads = [None if g is None else next(reduced) for g in grads]
+        if context.num_replicas_in_sync > 1:  # one replica (a ParameterServer worker): nothing to sum
+            present = [g for g in grads if g is not None]
+            reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present) if present else [])
+            grads = [None if g is None else next(reduced) for g in grads]
         with replica_local_updates():
             return original_apply(grads, trainable_variables)
 

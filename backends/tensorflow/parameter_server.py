@@ -24,8 +24,10 @@ import socket
 
 import numpy as np
 import tensorflow as tf
+from keras.src import tree
 
 from keras_strategies.backends.tensorflow.base import TFImplementation
+from keras_strategies.backends.tensorflow.keras_fixes import replica_local_optimizer
 from keras_strategies.cluster.rendezvous import exchange_addresses
 from keras_strategies.cluster.spec import split_address
 from keras_strategies.errors import StrategyError, WorkerError
@@ -148,7 +150,7 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
         dataset_fn = self._dataset_fn(plan)
         self._iterator = iter(self.coordinator.create_per_worker_dataset(dataset_fn))
         self._step_fn = self._make_step(model)
-        self._iterations = model.optimizer.iterations
+        self._iterations = model.optimizer._iterations  # every update, also with gradient accumulation
 
     def _dataset_fn(self, plan):
         from keras.src.trainers.data_adapters import data_adapter_utils
@@ -159,7 +161,7 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
         elif data_lib.is_array_like(x):
             if plan.class_weight is not None:
                 weights = data_adapter_utils.class_weight_to_sample_weights(y, plan.class_weight)
-            arrays = data_adapter_utils.pack_x_y_sample_weight(x, y, weights)
+            arrays = tree.lists_to_tuples(data_adapter_utils.pack_x_y_sample_weight(x, y, weights))
             data = None
         else:
             raise StrategyError(
@@ -176,7 +178,7 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
                 dataset = tf.data.Dataset.from_tensor_slices(arrays)
                 if shuffle:
                     dataset = dataset.shuffle(len(keras_first(arrays)), reshuffle_each_iteration=True)
-                dataset = dataset.repeat().batch(batch_size)
+                dataset = dataset.batch(batch_size).repeat()  # each pass ends with its own smaller batch
             if slow is not None:
                 index = tf.distribute.coordinator.experimental_get_current_worker_index()
                 delay = tf.where(tf.equal(index, slow[0]), tf.constant(slow[1], tf.int64), tf.constant(0, tf.int64))
@@ -186,14 +188,16 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
         return dataset_fn
 
     def _make_step(self, model):
-        iterations = model.optimizer.iterations
+        # the step counter (`iterations` is a tensor with gradient accumulation)
+        iterations = model.optimizer._iterations
         totals, maxima = self._totals, self._maxima
 
         def replica_fn(data):
             before = tf.identity(iterations.value)
             with tf.control_dependencies([before]):  # the step reads after the count
                 data = tf.nest.map_structure(tf.identity, data)
-            logs = model.train_step(data)
+            with replica_local_optimizer(model.optimizer):  # its conds cannot merge_call
+                logs = model.train_step(data)
             with tf.control_dependencies(tf.nest.flatten(logs)):
                 after = tf.identity(iterations.value)
             # counted on the servers: fetching each step's result back to the

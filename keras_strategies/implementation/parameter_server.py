@@ -23,6 +23,7 @@ import abc
 import atexit
 import contextlib
 import dataclasses
+import hashlib
 import math
 import sys
 import threading
@@ -132,6 +133,24 @@ def fit_plan(arguments, implementation):
         validation_batch_size=a.get("validation_batch_size"),
         validation_steps=a.get("validation_steps"),
     )
+
+
+def input_fingerprint(plan):
+    """A short digest of a fit's training input (shapes, dtypes, the first and
+    last rows, the batch size, shuffling, class weights): equal on the chief
+    and a worker when their scripts passed the same input. Datasets and
+    generators count by their type only."""
+    digest = hashlib.sha1(repr((plan.batch_size, plan.shuffle, sorted((plan.class_weight or {}).items()))).encode())
+    for value in keras.tree.flatten((plan.x, plan.y, plan.sample_weight)):
+        if value is None:
+            continue
+        if not data_lib.is_array_like(value):
+            digest.update(type(value).__name__.encode())
+            continue
+        array = np.asarray(value)
+        digest.update(repr((array.shape, str(array.dtype))).encode())
+        digest.update(np.ascontiguousarray(array[:16]).tobytes() + np.ascontiguousarray(array[-16:]).tobytes())
+    return digest.hexdigest()
 
 
 def first_batch(x, y, sample_weight, batch_size):
