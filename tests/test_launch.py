@@ -121,6 +121,19 @@ def assert_dead(pids, seconds=5):
         time.sleep(0.02)
 
 
+def sigterm_to_this_process_when(paths):
+    """A started thread that sends SIGTERM to this process (the in-process
+    launcher's handler) once every path exists."""
+    def send():
+        for path in paths:
+            wait_for_file(path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
 def pids_in(directory):
     return [int(p.read_text()) for p in Path(directory).glob("*.pid")]
 
@@ -204,13 +217,7 @@ def test_timeout_stops_every_rank(script, tmp_path, capfd):
 
 @pytest.mark.timeout(60)
 def test_sigterm_to_the_launcher_stops_all_ranks(script, tmp_path, capfd):
-    def send_sigterm_when_ready():
-        for rank in (0, 1):
-            wait_for_file(tmp_path / f"rank{rank}.pid")
-        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's handler is installed
-
-    sender = threading.Thread(target=send_sigterm_when_ready, daemon=True)
-    sender.start()
+    sender = sigterm_to_this_process_when([tmp_path / f"rank{rank}.pid" for rank in (0, 1)])
     try:
         code = launch([sys.executable, str(script), str(tmp_path), "sleep"], nproc_per_node=2,
                       timeout=50)
@@ -340,3 +347,285 @@ def test_thread_settings():
     kept = rank_thread_settings(
         2, environ={"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}, cpu_count=2)
     assert "XLA_FLAGS" not in kept
+
+
+# -- --max-restarts and SIGTERM forwarding. The launcher does not depend on the
+# backend: these run in the torch run only (the other runs would repeat them).
+
+from conftest import BACKEND  # noqa: E402
+
+from keras_strategies.launch import launch_with_restarts  # noqa: E402
+from keras_strategies.launch.ports import free_port  # noqa: E402
+
+once = pytest.mark.skipif(BACKEND != "torch", reason="the launcher needs no backend: run in the torch run only")
+
+RESTART_SCRIPT = r'''
+import os, signal, socket, sys, time
+
+out, mode = sys.argv[1], sys.argv[2]
+rank = int(os.environ["RANK"])
+attempt = int(os.environ["KERAS_STRATEGIES_RESTART_COUNT"])
+port = int(os.environ["MASTER_PORT"])
+
+
+def write(name, text=""):
+    with open(os.path.join(out, name + ".tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+
+
+def wait_for(name, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(os.path.join(out, name)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def hang():
+    while True:
+        time.sleep(0.1)
+
+
+names = ("KERAS_STRATEGIES_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT", "KERAS_STRATEGIES_MAX_RESTARTS",
+         "TORCHELASTIC_MAX_RESTARTS", "MASTER_PORT")
+write("a%d-rank%d" % (attempt, rank), " ".join("%s=%s" % (k, os.environ[k]) for k in names))
+write("a%d-rank%d.pid" % (attempt, rank), str(os.getpid()))
+
+if mode == "killed" and attempt == 0:
+    # A rendezvous on MASTER_PORT whose server closes first: the port is left
+    # in TIME_WAIT. Rank 1 then dies by SIGKILL; rank 0 waits for ever.
+    if rank == 0:
+        server = socket.socket()
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        connection, _ = server.accept()
+        connection.close()
+        server.close()
+        write("a0-closed")
+        hang()
+    wait_for("a0-rank0.pid")
+    client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    client.recv(1)  # until rank 0 closed
+    wait_for("a0-closed")
+    os.kill(os.getpid(), signal.SIGKILL)
+if mode == "killed":  # a later attempt: rank 0 binds the port again, without SO_REUSEADDR
+    if rank == 0:
+        socket.socket().bind(("127.0.0.1", port))
+    sys.exit(0)
+
+if mode == "exhausted":  # rank 0 finishes, then rank 1 fails, every time
+    if rank == 0:
+        sys.exit(0)
+    wait_for("a%d-rank0.pid" % attempt)
+    time.sleep(0.3)  # rank 0 has exited by now
+    sys.exit(3)
+
+if mode == "finish-apart":  # rank 0 finishes first, rank 1 a moment later
+    time.sleep(0.6 * rank)
+    sys.exit(0)
+
+if mode == "hung" and attempt == 0:
+    if rank == 1:  # hangs, deaf to SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        hang()
+    # The watchdog of a worker that waits for a hung peer: a tiny timeout, then exit 75.
+    if not wait_for("a0-step-rank1", seconds=0.5):
+        sys.stderr.write("keras_strategies.WorkerError: no step finished for 0.5s (a worker died or hung). "
+                         "Ending this worker (exit code 75).\n")
+        os._exit(75)
+if mode == "hung":
+    sys.exit(0)
+
+if mode in ("sigterm-save", "sigterm-deaf"):
+    def save_and_exit(signum, frame):
+        time.sleep(0.8)  # longer than the launcher's grace after a failure (0.2 s in the test)
+        write("saved-rank%d" % rank)
+        os._exit(75)
+    signal.signal(signal.SIGTERM, save_and_exit if mode == "sigterm-save" else signal.SIG_IGN)
+    write("ready-rank%d" % rank)
+    hang()
+
+if mode == "pair":  # two machines: rank 0 on node 0 serves, rank 1 on node 1 joins
+    if rank == 0:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        connection, _ = server.accept()
+        connection.sendall(b"%d\n" % attempt)
+        peer = connection.makefile().readline().strip()
+        if peer == "":  # the peer died: as the watchdog would, exit 75
+            sys.exit(75)
+        write("met-a%d" % attempt, peer)
+        sys.exit(0)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                server_attempt = client.makefile().readline().strip()
+                if not server_attempt:
+                    raise ConnectionError("closed")
+                if attempt == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                client.sendall(b"%d\n" % attempt)
+                sys.exit(0)
+        except OSError:
+            if time.monotonic() > deadline:
+                sys.exit("node 1 never met node 0")
+            time.sleep(0.1)
+'''
+
+
+@pytest.fixture
+def restart_script(tmp_path):
+    path = tmp_path / "restart_script.py"
+    path.write_text(RESTART_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    return path, out
+
+
+def attempt_files(out, rank):
+    """`{attempt: {variable: value}}` of the runs of `rank`."""
+    runs = {}
+    for path in Path(out).glob(f"a*-rank{rank}"):
+        runs[int(path.name[1:].split("-")[0])] = dict(item.split("=") for item in path.read_text().split())
+    return runs
+
+
+def all_pids(out):
+    return [int(p.read_text()) for p in Path(out).glob("*.pid")]
+
+
+@once
+@pytest.mark.timeout(60)
+def test_max_restarts_a_rank_killed_by_sigkill_finishes_on_the_second_run(restart_script, capfd):
+    script, out = restart_script
+    try:
+        code = launch_with_restarts([sys.executable, str(script), str(out), "killed"], max_restarts=2,
+                                    nproc_per_node=2, timeout=50)
+        err = capfd.readouterr().err
+        assert code == 0, err
+        assert "rank 1 (pid" in err and "was killed by SIGKILL" in err
+        assert ("restart 1 of 2: the last run ended because rank 1 (pid "
+                f"{(out / 'a0-rank1.pid').read_text()}) was killed by SIGKILL") in err
+        assert "restart 2" not in err and "gave up" not in err
+        for rank in (0, 1):
+            runs = attempt_files(out, rank)
+            assert sorted(runs) == [0, 1]
+            for attempt, variables in runs.items():  # our names and torchrun's
+                assert variables["KERAS_STRATEGIES_RESTART_COUNT"] == variables["TORCHELASTIC_RESTART_COUNT"] \
+                    == str(attempt)
+                assert variables["KERAS_STRATEGIES_MAX_RESTARTS"] == variables["TORCHELASTIC_MAX_RESTARTS"] == "2"
+        # A fresh port for the second run: the first one is in TIME_WAIT, and
+        # rank 0 of the second run binds it without SO_REUSEADDR.
+        ports = {attempt: run["MASTER_PORT"] for attempt, run in attempt_files(out, 0).items()}
+        assert ports[0] != ports[1]
+    finally:
+        assert_dead(all_pids(out))
+
+
+@once
+@pytest.mark.timeout(60)
+def test_max_restarts_exhausted_exits_with_the_last_code(restart_script, capfd):
+    script, out = restart_script
+    code = main(["--nproc-per-node", "2", "--max-restarts", "1", "--timeout", "50",
+                 str(script), str(out), "exhausted"])
+    err = capfd.readouterr().err
+    assert code == 3, err
+    assert "restart 1 of 1: the last run ended because rank 1 (pid" in err
+    # rank 0 had finished: it runs again, since a synchronous job needs every rank
+    assert "rank 0 had exited 0 and is started again too" in err
+    assert "gave up after 1 restart: the last run ended because rank 1 (pid" in err
+    assert "exited with code 3; exiting with 3." in err
+    assert sorted(attempt_files(out, 0)) == sorted(attempt_files(out, 1)) == [0, 1]
+
+
+@once
+@pytest.mark.timeout(60)
+def test_max_restarts_ranks_that_exit_0_are_not_restarted(restart_script, capfd):
+    script, out = restart_script
+    code = launch_with_restarts([sys.executable, str(script), str(out), "finish-apart"], max_restarts=2,
+                                nproc_per_node=2, timeout=50)
+    err = capfd.readouterr().err
+    assert code == 0, err
+    assert "restart" not in err
+    assert sorted(attempt_files(out, 0)) == sorted(attempt_files(out, 1)) == [0]
+
+
+@once
+@pytest.mark.timeout(60)
+def test_max_restarts_a_hung_rank_is_stopped_and_restarted(restart_script, capfd, monkeypatch):
+    script, out = restart_script
+    monkeypatch.setenv("KERAS_STRATEGIES_TERM_GRACE", "0.5")  # the hung rank ignores SIGTERM
+    try:
+        code = launch_with_restarts([sys.executable, str(script), str(out), "hung"], max_restarts=1,
+                                    nproc_per_node=2, timeout=50)
+        err = capfd.readouterr().err
+        assert code == 0, err
+        assert "[rank 0] keras_strategies.WorkerError: no step finished" in err
+        assert "restart 1 of 1: the last run ended because rank 0 (pid" in err
+        assert "exited with code 75 (preempted" in err
+        assert sorted(attempt_files(out, 1)) == [0, 1]
+        assert is_dead(int((out / "a0-rank1.pid").read_text()))  # the hung one was stopped
+    finally:
+        assert_dead(all_pids(out))
+
+
+@once
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["sigterm-save", "sigterm-deaf"])
+def test_sigterm_is_forwarded_the_ranks_save_and_the_launcher_exits_75_without_restarting(
+        restart_script, capfd, monkeypatch, mode):
+    script, out = restart_script
+    monkeypatch.setattr(launch_module, "GRACE_SECONDS", 0.2)  # the grace after a failure: not this one
+    monkeypatch.setenv("KERAS_STRATEGIES_TERM_GRACE", "10" if mode == "sigterm-save" else "0.5")
+    sender = sigterm_to_this_process_when([out / f"ready-rank{rank}" for rank in (0, 1)])
+    start = time.monotonic()
+    try:
+        code = launch_with_restarts([sys.executable, str(script), str(out), mode], max_restarts=2,
+                                    nproc_per_node=2, timeout=50)
+        err = capfd.readouterr().err
+        assert "got SIGTERM; sending SIGTERM to every rank and waiting up to" in err
+        assert "restart" not in err.replace("No restart", "")
+        assert sorted(attempt_files(out, 0)) == [0]
+        if mode == "sigterm-save":  # they were given the time to save, and said so
+            assert code == 75, err
+            assert (out / "saved-rank0").exists() and (out / "saved-rank1").exists()
+            assert "exiting with 75: run the job again to resume" in err
+        else:  # ranks deaf to SIGTERM are killed after KERAS_STRATEGIES_TERM_GRACE
+            assert code == 143, err
+            assert time.monotonic() - start < 8
+    finally:
+        sender.join(timeout=60)
+        assert_dead(all_pids(out))
+
+
+@once
+@pytest.mark.timeout(90)
+def test_max_restarts_two_launchers_as_two_machines_restart_and_meet_again(restart_script):
+    script, out = restart_script
+    master = f"127.0.0.1:{free_port()}"
+    launchers = [
+        subprocess.Popen([sys.executable, "-m", "keras_strategies.launch", "--nnodes", "2", "--node-rank",
+                          str(node), "--master", master, "--max-restarts", "2", "--timeout", "60",
+                          str(script), str(out), "pair"],
+                         env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)
+    ]
+    try:
+        results = [launcher.communicate(timeout=80) for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait(timeout=10)
+        assert_dead(all_pids(out))
+    errs = [err for _, err in results]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], errs
+    # node 1's rank died by SIGKILL; node 0's lost its peer and exited 75: each node restarted its own
+    assert "restart 1 of 2: the last run ended because rank 1 (pid" in errs[1] and "SIGKILL" in errs[1]
+    assert "restart 1 of 2: the last run ended because rank 0 (pid" in errs[0] and "code 75" in errs[0]
+    assert (out / "met-a1").read_text() == "1"  # the second runs met each other

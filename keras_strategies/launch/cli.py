@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from keras_strategies.cluster import ClusterError
-from keras_strategies.launch.ranks import launch
+from keras_strategies.launch.restarts import launch_with_restarts
 
 
 def _parser(prog):
@@ -30,6 +30,9 @@ def _parser(prog):
                         "(rank 0 is the chief, the others workers)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop every rank and exit 124 after this many seconds")
+    parser.add_argument("--max-restarts", "--max_restarts", type=int, default=0, metavar="N",
+                        help="when a rank fails, hangs or is preempted, stop every rank of this machine "
+                        "and start them all again, up to N times (default 0)")
     parser.add_argument("-m", "--module", action="store_true",
                         help="run script as a module (python -m script)")
     parser.add_argument("--no-prefix", action="store_true",
@@ -60,8 +63,9 @@ def main(argv=None, prog="python -m keras_strategies.launch"):
     args = _parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     runner = [sys.executable, "-m"] if args.module else [sys.executable]
     try:
-        return launch(
+        return launch_with_restarts(
             runner + [args.script] + list(args.script_args),
+            max_restarts=args.max_restarts,
             nproc_per_node=args.nproc_per_node,
             nnodes=args.nnodes,
             node_rank=args.node_rank,

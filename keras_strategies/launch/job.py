@@ -4,19 +4,25 @@ watch, stop every one when one fails or on a signal, reap.
 This module imports no backend.
 """
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple
 
-from keras_strategies.errors import LaunchError
+from keras_strategies.errors import WORKER_LOST_EXIT_CODE, LaunchError
 
-GRACE_SECONDS = 3.0  # between SIGTERM and SIGKILL when stopping ranks
+GRACE_SECONDS = 3.0  # between SIGTERM and SIGKILL when stopping the others after a failure
+TERM_GRACE_VARIABLE = "KERAS_STRATEGIES_TERM_GRACE"
+DEFAULT_TERM_GRACE = 60.0  # seconds ranks get to save and exit after a forwarded SIGTERM
+PREEMPTED_EXIT_CODE = WORKER_LOST_EXIT_CODE  # 75: preempted (backup written) or lost its peers
 TIMEOUT_EXIT_CODE = 124  # as timeout(1)
 _POLL_SECONDS = 0.05
 _STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_last_run = threading.local()
 
 
 def say(message):
@@ -31,7 +37,62 @@ def _describe_exit(code):
         except ValueError:
             name = f"signal {-code}"
         return f"was killed by {name}", 128 - code
+    if code == PREEMPTED_EXIT_CODE:
+        return (f"exited with code {code} (preempted: it saved a backup after SIGTERM, or it "
+                "lost its peers)"), code
     return f"exited with code {code}", code
+
+
+def term_grace(environ=None):
+    """Seconds the ranks get to save and exit after the launcher forwards
+    SIGTERM to them: `KERAS_STRATEGIES_TERM_GRACE`, default 60.
+
+    Args:
+        environ: where to read the variable; `os.environ` when `None`.
+
+    Returns:
+        A number of seconds >= 0 (float).
+
+    Raises:
+        LaunchError: the variable is set but is not a number >= 0.
+
+    Example:
+    >>> term_grace({"KERAS_STRATEGIES_TERM_GRACE": "30"})
+    30.0
+    """
+    value = (os.environ if environ is None else environ).get(TERM_GRACE_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_TERM_GRACE
+    try:
+        grace = float(value)
+    except ValueError:
+        grace = -1.0
+    if not (grace >= 0 and math.isfinite(grace)):
+        raise LaunchError(
+            f"{TERM_GRACE_VARIABLE}={value!r} must be a number of seconds >= 0: how long the ranks "
+            f"get to save and exit after SIGTERM before they are killed (default {DEFAULT_TERM_GRACE:g})."
+        )
+    return grace
+
+
+class Outcome(NamedTuple):
+    """How one run of a `Job` ended.
+
+    `reason` is `"done"` (every rank exited 0), `"failed"` (a rank failed),
+    `"signal"` (the launcher got SIGINT, SIGTERM or SIGHUP) or `"timeout"`;
+    `code` the launcher's exit code for it; `description` says which rank
+    and how, in words; `finished` the labels of the ranks that had exited 0.
+    """
+
+    reason: str
+    code: int
+    description: str = ""
+    finished: tuple = ()
+
+
+def last_outcome():
+    """The `Outcome` of the last `Job.run` in this thread (`None` before any)."""
+    return getattr(_last_run, "outcome", None)
 
 
 class Job:
@@ -51,17 +112,47 @@ class Job:
         self.readers = []
         self.write_lock = threading.Lock()
         self.signals = []  # signal numbers received, in order
+        self.term_grace = term_grace()
+        self.outcome = None
 
     def run(self, timeout):
+        """Starts the ranks, waits for them, stops them all; returns the exit
+        code (`self.outcome.code`; `last_outcome()` gives the whole `Outcome`)."""
+        _last_run.outcome = None
         previous = self._install_handlers()
         try:
             self._start()
-            return self._watch(timeout)
+            self.outcome = self._watch(timeout)
         finally:
             try:
-                self._stop()
+                self._stop(self._stop_grace())
             finally:
                 self._restore_handlers(previous)
+        if self.outcome.reason == "signal":
+            self.outcome = self._after_forwarded_signal()
+        _last_run.outcome = self.outcome
+        return self.outcome.code
+
+    def _stop_grace(self):
+        """The launcher was told to stop, or a rank was preempted (the others
+        are likely writing their backup too): they get the long grace."""
+        if self.outcome is not None and (
+            self.outcome.reason == "signal"
+            or (self.outcome.reason == "failed" and self.outcome.code == PREEMPTED_EXIT_CODE)
+        ):
+            return self.term_grace
+        return GRACE_SECONDS
+
+    def _after_forwarded_signal(self):
+        """Exit 75 when the ranks saved and exited 75 after the forwarded
+        SIGTERM (a supervisor may run the job again), else 128 + N."""
+        codes = [proc.returncode for proc in self.procs]
+        if PREEMPTED_EXIT_CODE in codes and all(c in (0, PREEMPTED_EXIT_CODE) for c in codes):
+            say(f"every rank exited with 0 or {PREEMPTED_EXIT_CODE} (preempted, its backup written); "
+                f"exiting with {PREEMPTED_EXIT_CODE}: run the job again to resume. No restart: the "
+                "launcher itself was told to stop.")
+            return self.outcome._replace(code=PREEMPTED_EXIT_CODE)
+        return self.outcome
 
     # -- signals: the handler only records; the loops act on it.
 
@@ -128,9 +219,7 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.signals:
-                signum = self.signals[0]
-                say(f"got {signal.Signals(signum).name}; stopping all ranks.")
-                return 128 + signum
+                return self._on_stop_signal(self.signals[0])
             codes = [proc.poll() for proc in self.procs]
             for rank, label, proc, code in zip(self.ranks, self.labels, self.procs, codes):
                 if code in (None, 0) or rank in self.lost:
@@ -146,17 +235,28 @@ class Job:
                     "ranks. Its last output is above, prefixed with "
                     f"[{label}]."
                 )
-                return exit_code
+                return self._outcome("failed", exit_code, f"{label} (pid {proc.pid}) {what}", codes)
             done = [c == 0 or r in self.lost for r, c in zip(self.ranks, codes)]
             if len(self.procs) == len(self.ranks) and all(done):
-                return 0
+                return self._outcome("done", 0, "every rank exited with code 0", codes)
             if deadline is not None and time.monotonic() >= deadline:
                 say(
                     f"timed out after {timeout:g} s (--timeout); stopping all "
                     f"ranks and exiting with {TIMEOUT_EXIT_CODE}."
                 )
-                return TIMEOUT_EXIT_CODE
+                return self._outcome("timeout", TIMEOUT_EXIT_CODE, f"--timeout ({timeout:g} s)", codes)
             time.sleep(_POLL_SECONDS)
+
+    def _on_stop_signal(self, signum):
+        name = signal.Signals(signum).name
+        say(f"got {name}; sending SIGTERM to every rank and waiting up to {self.term_grace:g} s "
+            f"({TERM_GRACE_VARIABLE}) for them to save and exit.")
+        codes = [proc.poll() for proc in self.procs]
+        return self._outcome("signal", 128 + signum, f"the launcher got {name}", codes)
+
+    def _outcome(self, reason, code, description, codes):
+        finished = tuple(label for label, c in zip(self.labels, codes) if c == 0)
+        return Outcome(reason, code, description, finished)
 
     # -- stop: SIGTERM to every rank's process group, SIGKILL after a grace.
 
@@ -176,9 +276,9 @@ class Job:
                 except (ProcessLookupError, PermissionError):
                     pass
 
-    def _stop(self):
+    def _stop(self, grace):
         self._signal_groups(signal.SIGTERM)
-        stop_by = time.monotonic() + GRACE_SECONDS
+        stop_by = time.monotonic() + grace
         signals_before = len(self.signals)
         while any(self._group_alive(p) for p in self.procs):
             # A further Ctrl-C while stopping skips the grace period.
