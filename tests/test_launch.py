@@ -629,3 +629,22 @@ def test_max_restarts_two_launchers_as_two_machines_restart_and_meet_again(resta
     assert "restart 1 of 2: the last run ended because rank 1 (pid" in errs[1] and "SIGKILL" in errs[1]
     assert "restart 1 of 2: the last run ended because rank 0 (pid" in errs[0] and "code 75" in errs[0]
     assert (out / "met-a1").read_text() == "1"  # the second runs met each other
+
+
+@once
+def test_a_restart_on_node_0_waits_for_the_master_port_to_be_free():
+    from keras_strategies.launch.restarts import wait_for_port
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        start = time.monotonic()
+        assert not wait_for_port(f"127.0.0.1:{port}", 0.3)  # bounded
+        assert time.monotonic() - start >= 0.3
+        threading.Timer(0.4, busy.close).start()
+        assert wait_for_port(f"127.0.0.1:{port}", 10)
+        assert 0.35 < time.monotonic() - start - 0.3 < 5
+    finally:
+        busy.close()

@@ -12,10 +12,15 @@ This module imports no backend.
 
 import time
 
+from keras_strategies.cluster.spec import split_address
 from keras_strategies.errors import LaunchError
 from keras_strategies.launch.job import TIMEOUT_EXIT_CODE, last_outcome, say, term_grace
+from keras_strategies.launch.ports import port_in_use
 from keras_strategies.launch.ranks import launch
 
+# A restart on node 0 waits this long for the --master port: a server without
+# SO_REUSEADDR leaves it in TIME_WAIT (60 s on Linux) when it closes first.
+PORT_WAIT_SECONDS = 120.0
 RESTART_COUNT_VARIABLE = "KERAS_STRATEGIES_RESTART_COUNT"
 MAX_RESTARTS_VARIABLE = "KERAS_STRATEGIES_MAX_RESTARTS"
 # torchrun's names for the same two numbers: a script written for torchrun reads them unchanged.
@@ -79,6 +84,8 @@ def launch_with_restarts(command, max_restarts=0, timeout=None, env=None, **opti
             say(f"timed out after {timeout:g} s (--timeout, restarts included); exiting with "
                 f"{TIMEOUT_EXIT_CODE}.")
             return TIMEOUT_EXIT_CODE
+        if restart and options.get("master") and options.get("node_rank", 0) == 0:
+            wait_for_port(options["master"], min(PORT_WAIT_SECONDS, remaining or PORT_WAIT_SECONDS))
         code = launch(command, timeout=remaining, env=attempt_environment(env, restart, max_restarts),
                       **options)
         outcome = last_outcome()
@@ -102,6 +109,27 @@ def restart_message(restart, max_restarts, outcome):
         message += (f" {', '.join(outcome.finished)} had exited 0 and {verb} started again too: a "
                     "synchronous job needs every rank.")
     return message
+
+
+def wait_for_port(master, seconds):
+    """Waits up to `seconds` until nothing on this machine holds `master`'s
+    port (the last run's rank 0 may have left it in `TIME_WAIT`).
+
+    Returns:
+        `True` once it is free, `False` when it is still held at the end
+        (the restart then fails with `launch`'s error for a busy port).
+    """
+    addr, port = split_address(master, "--master")
+    deadline = time.monotonic() + seconds
+    if not port_in_use(addr, port):
+        return True
+    say(f"--master {master}: port {port} is still held (left in TIME_WAIT by the last run, or by a "
+        f"process it started); waiting up to {seconds:g} s for it before restarting.")
+    while port_in_use(addr, port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def attempt_environment(env, restart, max_restarts):
