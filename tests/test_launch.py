@@ -648,3 +648,25 @@ def test_a_restart_on_node_0_waits_for_the_master_port_to_be_free():
         assert 0.35 < time.monotonic() - start - 0.3 < 5
     finally:
         busy.close()
+
+
+@pytest.mark.parametrize("max_restarts, grace, fragment", [
+    (-1, None, "--max-restarts must be an integer >= 0"),
+    (1.5, None, "--max-restarts must be an integer >= 0"),
+    (1, "soon", "KERAS_STRATEGIES_TERM_GRACE='soon' must be a number of seconds >= 0"),
+    (1, "-5", "KERAS_STRATEGIES_TERM_GRACE='-5' must be a number of seconds >= 0"),
+])
+def test_bad_restart_options_are_clear_errors_listed_on_the_errors_page(monkeypatch, max_restarts, grace, fragment):
+    if grace is not None:
+        monkeypatch.setenv("KERAS_STRATEGIES_TERM_GRACE", grace)
+    with pytest.raises(LaunchError) as info:  # before any process starts
+        launch_with_restarts(["/nonexistent/python", "train.py"], max_restarts=max_restarts)
+    assert fragment in str(info.value)
+    if max_restarts == -1 or grace == "soon":  # the cases the errors page shows
+        page = " ".join((Path(__file__).parent.parent / "docs" / "launching" / "errors.md").read_text().split())
+        assert str(info.value) in page
+
+
+def test_the_cli_reports_a_bad_max_restarts(capsys):
+    assert main(["--max-restarts", "-1", "train.py"]) == 2
+    assert "--max-restarts must be an integer >= 0" in capsys.readouterr().err
