@@ -545,6 +545,19 @@ def test_max_restarts_exhausted_exits_with_the_last_code(restart_script, capfd):
 
 @once
 @pytest.mark.timeout(60)
+def test_timeout_counts_the_restarts_too(restart_script, capfd):
+    script, out = restart_script
+    start = time.monotonic()
+    code = launch_with_restarts([sys.executable, str(script), str(out), "exhausted"], max_restarts=100,
+                                nproc_per_node=2, timeout=1.5)
+    err = capfd.readouterr().err
+    assert code == launch_module.TIMEOUT_EXIT_CODE, err
+    assert "timed out after" in err and "gave up" not in err
+    assert 1 <= len(attempt_files(out, 0)) < 20 and time.monotonic() - start < 10
+
+
+@once
+@pytest.mark.timeout(60)
 def test_max_restarts_ranks_that_exit_0_are_not_restarted(restart_script, capfd):
     script, out = restart_script
     code = launch_with_restarts([sys.executable, str(script), str(out), "finish-apart"], max_restarts=2,

@@ -241,10 +241,10 @@ class Job:
                 return self._outcome("done", 0, "every rank exited with code 0", codes)
             if deadline is not None and time.monotonic() >= deadline:
                 say(
-                    f"timed out after {timeout:g} s (--timeout); stopping all "
+                    f"timed out after {round(timeout, 1):g} s (--timeout); stopping all "
                     f"ranks and exiting with {TIMEOUT_EXIT_CODE}."
                 )
-                return self._outcome("timeout", TIMEOUT_EXIT_CODE, f"--timeout ({timeout:g} s)", codes)
+                return self._outcome("timeout", TIMEOUT_EXIT_CODE, "--timeout", codes)
             time.sleep(_POLL_SECONDS)
 
     def _on_stop_signal(self, signum):

@@ -79,15 +79,19 @@ def launch_with_restarts(command, max_restarts=0, timeout=None, env=None, **opti
     deadline = None if timeout is None else time.monotonic() + timeout
     restart = 0
     while True:
-        remaining = None if deadline is None else deadline - time.monotonic()
+        remaining = timeout if deadline is None or not restart else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             say(f"timed out after {timeout:g} s (--timeout, restarts included); exiting with "
                 f"{TIMEOUT_EXIT_CODE}.")
             return TIMEOUT_EXIT_CODE
-        if restart and options.get("master") and options.get("node_rank", 0) == 0:
-            wait_for_port(options["master"], min(PORT_WAIT_SECONDS, remaining or PORT_WAIT_SECONDS))
-        code = launch(command, timeout=remaining, env=attempt_environment(env, restart, max_restarts),
-                      **options)
+        try:
+            if restart and options.get("master") and options.get("node_rank", 0) == 0:
+                wait_for_port(options["master"], min(PORT_WAIT_SECONDS, remaining or PORT_WAIT_SECONDS))
+            code = launch(command, timeout=remaining, env=attempt_environment(env, restart, max_restarts),
+                          **options)
+        except KeyboardInterrupt:  # Ctrl-C between two runs (a rank runs only inside launch's handlers)
+            say("got SIGINT between two runs, when no rank was running; exiting with 130.")
+            return 130
         outcome = last_outcome()
         if outcome is None or outcome.reason != "failed" or max_restarts == 0:
             return code
