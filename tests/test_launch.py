@@ -456,7 +456,15 @@ if mode == "pair":  # two machines: rank 0 on node 0 serves, rank 1 on node 1 jo
         connection, _ = server.accept()
         connection.sendall(b"%d\n" % attempt)
         peer = connection.makefile().readline().strip()
-        if peer == "":  # the peer died: as the watchdog would, exit 75
+        if peer == "":  # the peer died. As an engine does, notice it late (its server still
+            # listening, closing whoever connects), then exit 75 as the watchdog would.
+            server.settimeout(0.1)
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                try:
+                    server.accept()[0].close()
+                except OSError:
+                    pass
             sys.exit(75)
         write("met-a%d" % attempt, peer)
         sys.exit(0)
