@@ -32,20 +32,14 @@ def launch_with_restarts(command, max_restarts=0, timeout=None, env=None, **opti
     """Starts this machine's ranks (as `launch`) and starts them all again,
     up to `max_restarts` times, when one fails.
 
-    A rank fails when it exits with a code other than 0 or is killed by a
-    signal; a hung rank is ended by its strategy's watchdog (exit code 75)
-    and counts as failed, and so does a preempted one (it saved a backup
-    after SIGTERM and exited 75). Every rank of this machine is then stopped
-    and all are started again, those that had exited 0 too: a synchronous
-    job needs every rank at every step (with `BackupAndRestore` they resume
-    from the last backup). A job whose ranks all exit 0 is done. Nothing is
-    restarted after the launcher itself got SIGINT, SIGTERM or SIGHUP, nor
-    after `timeout`.
-
-    Every rank gets `KERAS_STRATEGIES_RESTART_COUNT` (0 on the first run,
-    then 1, 2, ...) and `KERAS_STRATEGIES_MAX_RESTARTS`, and torchrun's
-    `TORCHELASTIC_RESTART_COUNT` and `TORCHELASTIC_MAX_RESTARTS` with the
-    same values.
+    A rank fails when it exits non-zero or by a signal (a hung rank's
+    watchdog and a preempted rank exit 75). Every rank of this machine is
+    then stopped and all start again, those that had exited 0 too (a
+    synchronous job needs every rank; `BackupAndRestore` resumes them).
+    Nothing restarts after the launcher got SIGINT, SIGTERM or SIGHUP, nor
+    after `timeout`. Each rank gets `KERAS_STRATEGIES_RESTART_COUNT` (0, 1,
+    ...) and `KERAS_STRATEGIES_MAX_RESTARTS`, and the same as torchrun's
+    `TORCHELASTIC_RESTART_COUNT` and `TORCHELASTIC_MAX_RESTARTS`.
 
     Args:
         command: the full argv of each rank, as for `launch`.
@@ -84,23 +78,37 @@ def launch_with_restarts(command, max_restarts=0, timeout=None, env=None, **opti
             say(f"timed out after {timeout:g} s (--timeout, restarts included); exiting with "
                 f"{TIMEOUT_EXIT_CODE}.")
             return TIMEOUT_EXIT_CODE
-        try:
-            if restart and options.get("master") and options.get("node_rank", 0) == 0:
-                wait_for_port(options["master"], min(PORT_WAIT_SECONDS, remaining or PORT_WAIT_SECONDS))
-            code = launch(command, timeout=remaining, env=attempt_environment(env, restart, max_restarts),
-                          **options)
-        except KeyboardInterrupt:  # Ctrl-C between two runs (a rank runs only inside launch's handlers)
-            say("got SIGINT between two runs, when no rank was running; exiting with 130.")
+        code = _run(command, restart, max_restarts, remaining, env, options)
+        if code is None:
             return 130
         outcome = last_outcome()
-        if outcome is None or outcome.reason != "failed" or max_restarts == 0:
-            return code
-        if restart == max_restarts:
-            say(f"gave up after {max_restarts} restart{'s' if max_restarts > 1 else ''}: the last run "
-                f"ended because {outcome.description}; exiting with {code}.")
+        if _finished(code, outcome, restart, max_restarts):
             return code
         restart += 1
         say(restart_message(restart, max_restarts, outcome))
+
+
+def _run(command, restart, max_restarts, remaining, env, options):
+    """One run of every rank of this machine: its exit code (`None` after a
+    Ctrl-C between two runs)."""
+    try:
+        if restart and options.get("master") and options.get("node_rank", 0) == 0:
+            wait_for_port(options["master"], min(PORT_WAIT_SECONDS, remaining or PORT_WAIT_SECONDS))
+        return launch(command, timeout=remaining, env=attempt_environment(env, restart, max_restarts), **options)
+    except KeyboardInterrupt:  # Ctrl-C between two runs (a rank runs only inside launch's handlers)
+        say("got SIGINT between two runs, when no rank was running; exiting with 130.")
+        return None
+
+
+def _finished(code, outcome, restart, max_restarts):
+    """Whether the job ends with this run (else it is started again)."""
+    if outcome is None or outcome.reason != "failed" or max_restarts == 0:
+        return True
+    if restart == max_restarts:
+        say(f"gave up after {max_restarts} restart{'s' if max_restarts > 1 else ''}: the last run "
+            f"ended because {outcome.description}; exiting with {code}.")
+        return True
+    return False
 
 
 def restart_message(restart, max_restarts, outcome):
