@@ -71,6 +71,10 @@ NOT_RUN = {
 # the failure is shown, not assumed): (backend, strategy, method, workload) ->
 # (text in the output that identifies the failure, what the tables say).
 NATIVE_FAILS = {
+    **{("tensorflow", strategy, "native", workload): (
+        "You must feed a value for placeholder tensor",
+        "native fails: steps_per_execution > 1 under tf.distribute with several replicas (keras-team/keras#19246)",
+    ) for strategy in ("mirrored", "central_storage") for workload in ("mlp", "cnn", "bn_convnet")},
     ("tensorflow", "central_storage", "native", "bn_convnet"): (
         "You must specify an aggregation method to update a AggregatingVariable",
         "native fails: CentralStorageStrategy + BatchNormalization in Keras 3 (\"You must specify an aggregation "
@@ -166,6 +170,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
     worker = [sys.executable, WORKER, "--method", method, "--strategy", strategy,
               "--replicas", str(replicas), "--workload", workload, "--epochs", str(args.epochs),
               "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(threads),
+              "--steps-per-execution", str(1 if backend == "torch" else args.steps_per_execution),  # Keras refuses it on torch
               "--out", out]
     if servers:
         worker = [sys.executable, PS_WORKER, "--method", method, "--workload", workload, "--epochs",
@@ -361,6 +366,9 @@ def _parser():
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (the first is left out)")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--steps-per-execution", type=int, default=1,
+                        help="compile(steps_per_execution=N) for every Keras fit (native tf.distribute fails N > 1 "
+                             "with several replicas: the run shows it)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per measurement")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "results.json"))
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -451,7 +459,7 @@ def main(argv=None):
         command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
         config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
-                    steps_per_epoch=args.steps, global_batch=args.batch, optimizer="Adam(1e-3)",
+                    steps_per_epoch=args.steps, steps_per_execution=args.steps_per_execution, global_batch=args.batch, optimizer="Adam(1e-3)",
                     shuffle=False, metrics=None, threads=THREADS),
     )
     runs, shown_failing = [], set()

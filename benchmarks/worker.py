@@ -43,6 +43,7 @@ parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--steps", type=int, default=20, help="steps per epoch")
 parser.add_argument("--batch", type=int, default=256, help="global batch")
 parser.add_argument("--threads", type=int, default=1, help="intra-op threads of this process")
+parser.add_argument("--steps-per-execution", type=int, default=1, help="compile(steps_per_execution=N)")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -179,6 +180,7 @@ def compile_model(model):
     model.compile(
         optimizer=keras.optimizers.Adam(LR),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=args.steps_per_execution,
     )
 
 

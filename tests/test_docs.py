@@ -237,3 +237,24 @@ def test_mkdocs_build_strict(tmp_path):
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert (tmp_path / "site" / "reference" / "auto" / "index.html").exists()
+
+
+def test_the_feature_table_lists_every_case_as_the_tests_run_it():
+    """docs/keras-features.md's case-by-case table has one row per case of
+    tests/features.py, and its ParameterServer column says what
+    tests/test_parameter_server.py runs on each backend."""
+    from features import CASES
+    from test_parameter_server import PS_FEATURES
+
+    rows = dict(re.findall(r"^\| `([a-z0-9_]+)` \|(.*)$", (ROOT / "docs" / "keras-features.md").read_text(), re.M))
+    assert sorted(rows) == sorted(case.name for case in CASES)
+    for name, row in rows.items():
+        ps = row.rsplit("|", 2)[-2].strip()
+        if name in PS_FEATURES["torch"]:
+            assert ps == "✅", (name, ps)
+        elif f"!{name}" in PS_FEATURES["torch"]:
+            assert "refused with a clear error" in ps, (name, ps)
+        elif name in PS_FEATURES["tensorflow"]:
+            assert ps.startswith("✅ TensorFlow;") and "not run here" in ps, (name, ps)
+        else:
+            assert ps.startswith("n/a"), (name, ps)

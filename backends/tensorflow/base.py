@@ -29,7 +29,6 @@ from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.model_state import (
-    drop_compiled_functions,
     reset_compiled_functions,
     restore_compiled_functions,
     stash_compiled_functions,
@@ -114,6 +113,40 @@ def recreate_variables(model):
             value = tf.identity(tf.convert_to_tensor(local_value(variable._value)))
             variable._value = None
             variable._initialize(value)
+    _index_optimizer_variables(model)
+
+
+_DISTRIBUTED = "_ks_distributed_variables"
+
+
+def keep_distributed_variables(model, owner):
+    """Before a model's variables become plain again after a run of `owner`:
+    keeps their distributed tf.Variables (and so the steps traced over them)
+    for `owner`'s next run of the model."""
+    variables = state_variables(model)
+    model.__dict__[_DISTRIBUTED] = (owner, variables, [v._value for v in variables])
+
+
+def reuse_distributed_variables(model, owner):
+    """Puts back the distributed tf.Variables `owner` kept for this model, each
+    assigned the model's current value, so that the steps traced over them
+    run again without a new trace. False (nothing changed) when there are
+    none, another strategy kept them, or the model's variables changed."""
+    kept = model.__dict__.pop(_DISTRIBUTED, None)
+    variables = state_variables(model)
+    if (kept is None or kept[0] is not owner or len(kept[1]) != len(variables)
+            or any(a is not b for a, b in zip(kept[1], variables))
+            or any(v._value is None or d is None for v, d in zip(variables, kept[2]))):
+        return False
+    with tf.init_scope():
+        for variable, distributed in zip(variables, kept[2]):
+            distributed.assign(tf.convert_to_tensor(local_value(variable._value)))
+            variable._value = distributed
+    _index_optimizer_variables(model)
+    return True
+
+
+def _index_optimizer_variables(model):
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and optimizer.built:
         optimizer._trainable_variables_indices = {
@@ -199,7 +232,8 @@ class TFImplementation(Implementation):
 
     def attach(self, model):
         with self.scope():
-            recreate_variables(model)
+            if not reuse_distributed_variables(model, self):  # a later run with this strategy: no new trace
+                recreate_variables(model)
         self._saved = (model._distribute_strategy, model._jit_compile)
         model._distribute_strategy = self.native  # the tf-strategy-attributes patch
         model._jit_compile = False  # as Keras does for models built in a scope
@@ -208,11 +242,12 @@ class TFImplementation(Implementation):
         reset_compiled_functions(model)
 
     def detach(self, model):
+        keep_distributed_variables(model, self)  # with the steps stashed for them: until another strategy runs
         recreate_variables(model)
         model._distribute_strategy, model._jit_compile = self._saved
         if getattr(model, "optimizer", None) is not None:
             model.optimizer._distribution_strategy = tf.distribute.get_strategy()
-        drop_compiled_functions(model)  # and the strategy's variables they hold
+        reset_compiled_functions(model)
 
     @contextlib.contextmanager
     def run_context(self, model):
