@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from keras_strategies.cluster import ClusterError
+from keras_strategies.launch.ranks import RENDEZVOUS_TIMEOUT
 from keras_strategies.launch.restarts import launch_with_restarts
 
 
@@ -28,6 +29,9 @@ def _parser(prog):
     parser.add_argument("--num-ps", "--num_ps", type=int, default=0, metavar="N",
                         help="ParameterServer: the last N processes of the job are parameter servers "
                         "(rank 0 is the chief, the others workers)")
+    parser.add_argument("--rendezvous-timeout", "--rdzv-timeout", type=float, default=RENDEZVOUS_TIMEOUT,
+                        metavar="SECONDS", help="with --nnodes > 1: how long the machines' launchers have to "
+                        f"meet before every one fails naming the missing machine (default {RENDEZVOUS_TIMEOUT:g})")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop every rank and exit 124 after this many seconds")
     parser.add_argument("--max-restarts", "--max_restarts", type=int, default=0, metavar="N",
@@ -73,6 +77,7 @@ def main(argv=None, prog="python -m keras_strategies.launch"):
             timeout=args.timeout,
             prefix_output=not args.no_prefix,
             num_ps=args.num_ps,
+            rendezvous_timeout=args.rendezvous_timeout,
         )
     except ClusterError as error:
         sys.stderr.write(f"{prog}: error: {error}\n")

@@ -10,11 +10,13 @@ divided among the local ranks (see `rank_thread_settings`).
 import os
 
 from keras_strategies.cluster import NUM_PS_VARIABLE
+from keras_strategies.cluster.rendezvous import agree_nodes
 from keras_strategies.cluster.spec import split_address
 from keras_strategies.errors import ClusterError, LaunchError
-from keras_strategies.launch.job import Job
+from keras_strategies.launch.job import Job, say
 from keras_strategies.launch.ports import free_port, port_in_use
 
+RENDEZVOUS_TIMEOUT = 300.0  # seconds the machines' launchers have to meet (--rendezvous-timeout)
 _XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # Other cluster descriptions would take precedence over (or contradict) the
 # variables the launcher sets: refuse them rather than start a confused job.
@@ -100,7 +102,7 @@ def _resolve_master(master, nnodes, node_rank):
     return addr, port
 
 
-def _check_options(command, nproc_per_node, nnodes, node_rank, timeout):
+def _check_options(command, nproc_per_node, nnodes, node_rank, timeout, rendezvous_timeout=RENDEZVOUS_TIMEOUT):
     if isinstance(command, str) or not command or not all(
         isinstance(part, str) for part in command
     ):
@@ -115,8 +117,9 @@ def _check_options(command, nproc_per_node, nnodes, node_rank, timeout):
         raise LaunchError(
             f"--node-rank must be 0..{nnodes - 1} with --nnodes {nnodes}; got {node_rank!r}."
         )
-    if timeout is not None and not timeout > 0:
-        raise LaunchError(f"--timeout must be a positive number of seconds; got {timeout!r}.")
+    for name, value in (("timeout", timeout), ("rendezvous-timeout", rendezvous_timeout)):
+        if value is not None and not value > 0:
+            raise LaunchError(f"--{name} must be a positive number of seconds; got {value!r}.")
 
 
 def launch(
@@ -129,6 +132,7 @@ def launch(
     timeout=None,
     prefix_output=True,
     num_ps=0,
+    rendezvous_timeout=RENDEZVOUS_TIMEOUT,
 ):
     """Starts this machine's ranks of a job and waits for them.
 
@@ -155,6 +159,10 @@ def launch(
             others are workers. A worker that fails does not stop the job
             (the chief gives its work to the others); the chief or a
             parameter server failing does.
+        rendezvous_timeout: with `nnodes > 1`, the seconds node 0 waits for every
+            other machine's launcher (and each of those waits to reach node 0,
+            then for its answer) before every launcher fails with a
+            `LaunchError` naming the machine; default 300.
 
     Returns:
         The exit code the CLI exits with: 0 when every rank exits 0; else the
@@ -163,7 +171,8 @@ def launch(
         or SIGHUP.
 
     Raises:
-        LaunchError: bad options, a busy `--master` port, or a rank that
+        LaunchError: bad options, a busy `--master` port, machines that do
+            not make one job (see `ranks_of_this_machine`), or a rank that
             cannot be started.
 
     Example:
@@ -174,22 +183,55 @@ def launch(
     ```
     """
     command = list(command) if isinstance(command, (list, tuple)) else command
-    _check_options(command, nproc_per_node, nnodes, node_rank, timeout)
-    world_size = nnodes * nproc_per_node
-    _check_num_ps(num_ps, world_size)
+    rendezvous_timeout = RENDEZVOUS_TIMEOUT if rendezvous_timeout is None else rendezvous_timeout
+    _check_options(command, nproc_per_node, nnodes, node_rank, timeout, rendezvous_timeout)
+    _check_num_ps(num_ps, None if nnodes > 1 else nproc_per_node)
     base = _base_environment(env)
     addr, port = _resolve_master(master, nnodes, node_rank)
+    master = f"{addr}:{port}"
+    ranks, world_size = ranks_of_this_machine(master, node_rank, nnodes, nproc_per_node, rendezvous_timeout, num_ps)
+    _check_num_ps(num_ps, world_size)
     base.update(rank_thread_settings(nproc_per_node, base))
     if num_ps:
         base[NUM_PS_VARIABLE] = str(num_ps)
-    ranks = [node_rank * nproc_per_node + local_rank for local_rank in range(nproc_per_node)]
     environments = [
-        rank_environment(base, rank, world_size, local_rank, nproc_per_node, node_rank, f"{addr}:{port}")
+        rank_environment(base, rank, world_size, local_rank, nproc_per_node, node_rank, master)
         for local_rank, rank in enumerate(ranks)
     ]
     labels = [role_label(rank, world_size, num_ps) for rank in ranks]
     workers = [rank for rank, label in zip(ranks, labels) if num_ps and label.startswith("worker")]
     return Job(command, environments, prefix_output, labels, expendable=workers).run(timeout)
+
+
+def ranks_of_this_machine(master, node_rank, nnodes, nproc_per_node, rendezvous_timeout, num_ps=0):
+    """This machine's global ranks and the job's world size.
+
+    With several machines, their launchers first meet at `master`
+    (`keras_strategies.cluster.rendezvous.agree_nodes`): each may run its own
+    number of processes, and machine k's ranks follow those of machines
+    0..k-1. Ranks are never computed as `nnodes x nproc_per_node`.
+
+    Args:
+        master: node 0's `"addr:port"`.
+        node_rank, nnodes, nproc_per_node: this launcher's options.
+        rendezvous_timeout: seconds the launchers have to meet.
+        num_ps: this launcher's `--num-ps` (every machine must agree).
+
+    Returns:
+        `(ranks, world_size)`: this machine's ranks, in local-rank order.
+
+    Raises:
+        LaunchError: a machine never arrived, two claim one node rank, they
+            disagree on `--nnodes` or `--num-ps`, or node 0 is unreachable.
+    """
+    if nnodes == 1:
+        return list(range(nproc_per_node)), nproc_per_node
+    counts = agree_nodes(master, node_rank, nnodes, nproc_per_node, rendezvous_timeout, num_ps)
+    first = sum(counts[:node_rank])
+    ranks = list(range(first, first + nproc_per_node))
+    say(f"node {node_rank} of {nnodes}: ranks {ranks[0]}..{ranks[-1]} of {sum(counts)} "
+        f"(processes per machine: {', '.join(map(str, counts))}).")
+    return ranks, sum(counts)
 
 
 def role_label(rank, world_size, num_ps):
@@ -204,9 +246,10 @@ def role_label(rank, world_size, num_ps):
 
 
 def _check_num_ps(num_ps, world_size):
+    """`world_size=None`: only the option itself (before the machines meet)."""
     if not isinstance(num_ps, int) or num_ps < 0:
         raise LaunchError(f"--num-ps must be an integer >= 0; got {num_ps!r}.")
-    if num_ps and world_size < num_ps + 2:
+    if num_ps and world_size is not None and world_size < num_ps + 2:
         raise LaunchError(
             f"--num-ps {num_ps} with {world_size} process(es) leaves no worker: a parameter-server "
             f"job needs a chief, at least one worker and the parameter servers (at least "
