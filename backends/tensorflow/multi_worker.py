@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from keras_strategies.backends.tensorflow.base import TFImplementation, gpu_count
 from keras_strategies.cluster.rendezvous import exchange_addresses
+from keras_strategies.errors import StrategyError
 from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.multi_process import MultiProcessImplementation, own_coordinator
 from keras_strategies.launch.ports import free_port
@@ -41,7 +42,8 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
 
     def __init__(self, strategy, devices, cluster, timeout):
         super().__init__(strategy, devices, cluster, timeout)
-        if "strategy" not in _native:
+        first = "strategy" not in _native
+        if first:
             options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
             try:
                 _native["strategy"] = tf.distribute.MultiWorkerMirroredStrategy(
@@ -54,12 +56,44 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
                     "building a model or running any TensorFlow operation.",
                 ) from error
         self.native = _native["strategy"]
+        if first and cluster.world_size > 1:
+            self.check_local_devices()
 
     def default_devices(self):
         return [f"gpu:{i}" for i in range(gpu_count())] or ["cpu:0"]
 
-    def prepare_call(self, model, method, arguments):
-        return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())
+    def check_local_devices(self):
+        """Every worker's local devices, compared before any collective
+        (through TensorFlow's coordination service): `StrategyError` on every
+        worker when they differ in number or kind."""
+        from tensorflow.python.eager import context
+
+        extended, cluster = self.native.extended, self.cluster
+        mine = f"{len(extended.worker_devices)} {extended._local_device_type}"
+        service = context.context()
+        service.set_config_key_value(f"keras_strategies/local_devices/{cluster.rank}", mine)
+        every = [service.get_config_key_value(f"keras_strategies/local_devices/{rank}")
+                 for rank in range(cluster.world_size)]
+        if len(set(every)) > 1:
+            raise uneven_devices_error(self.name, every)
+
+
+def uneven_devices_error(name, every):
+    """The `StrategyError` for TensorFlow workers whose local devices differ;
+    `every[k]` is worker k's `"<count> <CPU|GPU|TPU>"`."""
+    each = ", ".join(f"worker {rank}: {entry}" for rank, entry in enumerate(every))
+    if len({entry.split()[1] for entry in every}) > 1:
+        fix = ("Give every worker a GPU, or hide the GPUs (CUDA_VISIBLE_DEVICES='') so that every worker "
+               "trains on its CPU")
+    else:
+        fix = ("Give every worker the same number of GPUs, or run one process per GPU: --nproc-per-node set "
+               "to the machine's GPUs, each process seeing one (os.environ['CUDA_VISIBLE_DEVICES'] = "
+               "os.environ['LOCAL_RANK'] before TensorFlow starts)")
+    return StrategyError(
+        f"{name} on the tensorflow backend: the workers' local devices differ ({each}), and TensorFlow's "
+        "MultiWorkerMirroredStrategy needs the same number and kind in every worker (it sizes its all-reduce "
+        f"as workers x this worker's devices, and hangs or fails otherwise). {fix}."
+    )
 
 
 IMPLEMENTATIONS = {"MultiWorkerMirrored": TFMultiWorkerMirrored}
