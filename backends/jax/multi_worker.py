@@ -9,6 +9,7 @@ DataLoader inputs all work and each example is used once per step.
 Metrics live in replicated arrays, so every worker reports global values.
 """
 
+import collections
 import contextlib
 import functools
 
@@ -20,6 +21,7 @@ from keras.src.backend.jax import distribution_lib as jax_distribution_lib
 
 from keras_strategies.backends.jax.base import JaxImplementation
 from keras_strategies.backends.jax.keras_fixes import input_mode
+from keras_strategies.errors import StrategyError
 from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.model_state import state_variables
 from keras_strategies.patches import overriding
@@ -53,7 +55,31 @@ def _initialize(cluster, timeout, name):
         )
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise join_error(name, "jax", cluster, timeout, error) from error
+    check_devices_per_process(name)
     jax_distribution_lib.initialize_rng()  # the same Keras seed on every process
+
+
+def check_devices_per_process(name):
+    """Raises a clear `StrategyError` on every process when the processes
+    have different numbers of devices (every process sees the same global
+    device list, so all decide alike, before any collective).
+
+    JAX itself compiles a step over such a mesh, but the multi-process
+    helpers Keras relies on assume the same number everywhere: `jax.pmap` in
+    Keras's `initialize_rng` (a bare AssertionError), and `jax.device_put`
+    of a host value onto the mesh, whose cross-process check reshapes the
+    devices as processes x local devices (ValueError).
+    """
+    counts = collections.Counter(device.process_index for device in jax.devices())
+    if len(set(counts.values())) > 1:
+        each = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
+        raise StrategyError(
+            f"{name} on the jax backend: the processes have different numbers of {jax.default_backend()} "
+            f"devices ({each}), and the JAX functions Keras uses across processes (jax.pmap, jax.device_put) "
+            "need the same number in every process. Give every process the same number of devices "
+            "(XLA_FLAGS=--xla_force_host_platform_device_count=N on CPUs, CUDA_VISIBLE_DEVICES on GPUs), or "
+            "run one process per device (--nproc-per-node set to the machine's devices, each process seeing one)."
+        )
 
 
 def _address(host, port):
