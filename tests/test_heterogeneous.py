@@ -1,0 +1,160 @@
+"""Jobs over machines of different sizes (issue 17), on one host: two
+launchers stand in for two machines, with 2 and 1 processes; on JAX one
+process also has 2 devices where the others have 1. Every wait has a
+deadline and every process is killed at the end, whatever happens."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import BACKEND
+from keras_strategies.errors import LaunchError
+from keras_strategies.launch import launch
+from keras_strategies.launch.ports import free_port
+from test_multi_worker import base_env
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+JOB = os.path.join(HERE, "hetero_job.py")
+JOB_TIMEOUT = 240
+# node 1's one process has 2 logical CPUs on TensorFlow: its
+# MultiWorkerMirroredStrategy still holds one replica per CPU worker
+NODE1_ENV = {"tensorflow": {"HETERO_TF_LOGICAL_CPUS": "2"}}.get(BACKEND, {})
+# process 0 of a 2-process job holds 2 devices, process 1 holds 1 (TensorFlow:
+# CPUs standing in for GPUs, where TensorFlow would take them)
+UNEVEN_ENV = {"jax": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+              "tensorflow": {"HETERO_TF_LOGICAL_CPUS": "2", "HETERO_TF_UNEVEN": "1"}}
+
+
+def start_launchers(nprocs, out, extra_envs, timeout=JOB_TIMEOUT):
+    """One launcher per machine (`nprocs[k]` processes on node k), all
+    started at once; `[(exit code, output)]` once all ended, killed past
+    `timeout`."""
+    master = f"127.0.0.1:{free_port()}"
+    processes = []
+    try:
+        for node, (nproc, extra) in enumerate(zip(nprocs, extra_envs)):
+            arguments = ["--nnodes", str(len(nprocs)), "--node-rank", str(node), "--master", master,
+                         "--nproc-per-node", str(nproc), "--rendezvous-timeout", "60",
+                         "--timeout", str(timeout), JOB, str(out)]
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "keras_strategies.launch", *arguments], env=base_env(**extra),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        deadline = time.monotonic() + timeout + 30
+        texts = [p.communicate(timeout=max(1, deadline - time.monotonic()))[0] for p in processes]
+        return [(p.returncode, text) for p, text in zip(processes, texts)]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+
+def results(out, world):
+    found = []
+    for rank in range(world):
+        with open(os.path.join(out, f"rank{rank}.json")) as f:
+            found.append(json.load(f))
+    return found
+
+
+def test_machines_of_different_sizes_train_as_one_device(tmp_path):
+    """Node 0 runs 2 processes, node 1 runs 1: the launchers agree on 3 ranks;
+    the global batch is split over every replica of every process; training equals one device and every process
+    ends with the same weights; a batch that does not divide over the
+    replicas gets the clear error naming batch sizes that work."""
+    ended = start_launchers([2, 1], tmp_path, [{}, NODE1_ENV])
+    outputs = "\n".join(text[-3000:] for _, text in ended)
+    assert [code for code, _ in ended] == [0, 0], outputs
+    assert "node 0 of 2: ranks 0..1 of 3 (processes per machine: 2, 1)" in ended[0][1], outputs
+    assert "node 1 of 2: ranks 2..2 of 3 (processes per machine: 2, 1)" in ended[1][1], outputs
+    found = results(tmp_path, 3)
+    assert [(r["rank"], r["workers"], r["replicas"]) for r in found] == [(k, 3, 3) for k in range(3)]
+    for result in found:
+        assert "batch_size=32 is not a multiple of 3. Use a multiple of 3, such as 30 or 33." in (
+            result["bad_batch_error"])
+        assert result["max_weight_diff"] < 1e-5  # one device on the same global batches
+        for key, values in result["ref_history"].items():
+            np.testing.assert_allclose(result["history"][key], values, atol=1e-5)
+        # a shuffled epoch used each of the 72 examples exactly once
+        np.testing.assert_allclose(result["coverage"], 2 * 0.5 / 24, rtol=1e-6)
+    weights = [np.load(os.path.join(tmp_path, f"weights{r}.npz")) for r in range(3)]
+    for key in weights[0].files:
+        for other in weights[1:]:
+            np.testing.assert_array_equal(weights[0][key], other[key])
+
+
+if BACKEND in UNEVEN_ENV:
+
+    def test_processes_with_different_device_counts_get_a_clear_error(tmp_path):
+        """2 devices in one process, 1 in the other: a StrategyError from
+        MultiWorkerMirrored() on every process, saying what to change, within
+        seconds. JAX: Keras's initialize_rng would fail in jax.pmap; TensorFlow
+        sizes its all-reduce as workers x local devices (and hangs in fit)."""
+        start = time.monotonic()
+        ended = start_launchers([1, 1], tmp_path, [UNEVEN_ENV[BACKEND], {}])
+        elapsed = time.monotonic() - start
+        outputs = "\n".join(text[-3000:] for _, text in ended)
+        assert [code for code, _ in ended] == [3, 3], outputs
+        for result in results(tmp_path, 2):
+            assert result["strategy_error"].startswith({
+                "jax": "MultiWorkerMirrored on the jax backend: the processes have different numbers of cpu "
+                       "devices (process 0: 2, process 1: 1)",
+                "tensorflow": "MultiWorkerMirrored on the tensorflow backend: the workers' local devices differ "
+                              "(worker 0: 2 CPU, worker 1: 1 CPU)"}[BACKEND]), result
+            assert "Give every" in result["strategy_error"] and "run one process per" in result["strategy_error"]
+        assert elapsed < 60, elapsed
+
+
+def launch_machines(nodes, nnodes=3, rendezvous_timeout=3.0):
+    """Calls `launch()` for each `(node_rank, nnodes)` of `nodes` in its own
+    thread (each a machine's launcher; none gets as far as starting a rank):
+    `{index: (error message or None, seconds)}`."""
+    master = f"127.0.0.1:{free_port()}"
+    outcome = {}
+
+    def machine(index, node_rank, machine_nnodes):
+        start = time.monotonic()
+        try:
+            launch([sys.executable, "-c", "raise SystemExit(9)"], nnodes=machine_nnodes, node_rank=node_rank,
+                   master=master, rendezvous_timeout=rendezvous_timeout)
+            outcome[index] = (None, time.monotonic() - start)
+        except LaunchError as error:
+            outcome[index] = (str(error), time.monotonic() - start)
+
+    threads = [threading.Thread(target=machine, args=(i, *node), daemon=True) for i, node in enumerate(nodes)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)  # node 0 listens first, as when it is started first
+    for thread in threads:
+        thread.join(timeout=rendezvous_timeout + 20)
+    assert len(outcome) == len(nodes), f"a launcher did not return: {outcome}"
+    return outcome
+
+
+def test_two_machines_claiming_one_node_rank_stop_every_launcher():
+    outcome = launch_machines([(0, 3), (1, 3), (1, 3)])
+    for message, seconds in outcome.values():
+        assert message and "two machines claim --node-rank 1:" in message, outcome
+        assert "launcher pid" in message and "Give each machine its own --node-rank, 1..2" in message
+        assert seconds < 3.0, outcome  # as soon as the second one arrives, not at the deadline
+    outcome = launch_machines([(0, 2), (1, 3)])  # and machines that disagree on --nnodes
+    for message, _ in outcome.values():
+        assert "the machines disagree on --nnodes" in message, outcome
+
+
+def test_a_machine_that_never_arrives_stops_every_launcher_in_time():
+    outcome = launch_machines([(0, 3), (2, 3)], rendezvous_timeout=3.0)
+    for message, seconds in outcome.values():
+        assert message and "for the machine(s) with --node-rank 1 (--nnodes 3); it never arrived" in message
+        assert "--rendezvous-timeout sets how long" in message
+        assert 2.5 < seconds < 3.0 + 8, outcome
+    outcome = launch_machines([(1, 2)], rendezvous_timeout=2.0)  # node 0 never started
+    message, seconds = outcome[0]
+    assert message and "node 1 could not reach node 0 at 127.0.0.1:" in message and seconds < 2.0 + 6
