@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+import keras_strategies as ks
 from conftest import BACKEND
 from keras_strategies.errors import LaunchError
 from keras_strategies.launch import launch
@@ -158,3 +159,91 @@ def test_a_machine_that_never_arrives_stops_every_launcher_in_time():
     outcome = launch_machines([(1, 2)], rendezvous_timeout=2.0)  # node 0 never started
     message, seconds = outcome[0]
     assert message and "node 1 could not reach node 0 at 127.0.0.1:" in message and seconds < 2.0 + 6
+
+
+# A machine without the accelerators the others have. Not testable here
+# without GPUs: the engine's answers (its device lists, what the other
+# workers published) are mocked, and the package's own code runs as it is.
+
+if BACKEND == "jax":
+
+    def test_jax_a_process_without_the_jobs_gpus_gets_a_clear_error(monkeypatch):
+        """On a GPU process, JAX's global device list holds only GPUs: a
+        process without one (a CPU machine) is missing from it."""
+        import jax
+
+        from keras_strategies.backends.jax.multi_worker import check_devices_per_process
+
+        class Device:
+            def __init__(self, process_index):
+                self.process_index = process_index
+
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(jax, "process_count", lambda: 3)
+        monkeypatch.setattr(jax, "devices", lambda *a: [Device(0), Device(0), Device(2), Device(2)])
+        with pytest.raises(ks.StrategyError, match=r"process\(es\) 1 have no gpu device, and one JAX job runs on "
+                                                   r"one platform \(gpu here\).*JAX_PLATFORMS=cpu on every machine"):
+            check_devices_per_process("MultiWorkerMirrored")
+        monkeypatch.setattr(jax, "devices", lambda *a: [Device(0), Device(0), Device(1), Device(2), Device(2)])
+        with pytest.raises(ks.StrategyError, match=r"different numbers of gpu devices \(process 0: 2, process 1: 1, "
+                                                   r"process 2: 2\)"):
+            check_devices_per_process("MultiWorkerMirrored")
+        monkeypatch.setattr(jax, "devices", lambda *a: [Device(p) for p in (0, 0, 1, 1, 2, 2)])
+        check_devices_per_process("MultiWorkerMirrored")  # the same everywhere: nothing to say
+
+
+if BACKEND == "tensorflow":
+
+    def test_tensorflow_a_worker_without_the_jobs_gpus_gets_a_clear_error(monkeypatch):
+        """TensorFlow takes a worker's GPUs as its local devices, or its CPU
+        when it has none: the workers publish theirs (TF's coordination
+        service, mocked with what the other two published) and all stop."""
+        from tensorflow.python.eager import context
+
+        from keras_strategies.backends.tensorflow.multi_worker import TFMultiWorkerMirrored
+        from keras_strategies.cluster import ClusterSpec
+
+        published = {"keras_strategies/local_devices/0": "1 GPU", "keras_strategies/local_devices/2": "1 GPU"}
+
+        class Service:
+            def set_config_key_value(self, key, value):
+                published[key] = value
+
+            def get_config_key_value(self, key):
+                return published[key]
+
+        class Extended:  # what MultiWorkerMirroredStrategy decided on a machine without GPUs
+            worker_devices = ("/job:worker/replica:0/task:1/device:CPU:0",)
+            _local_device_type = "CPU"
+
+        monkeypatch.setattr(context, "context", Service)
+        implementation = object.__new__(TFMultiWorkerMirrored)
+        implementation.name = "MultiWorkerMirrored"
+        implementation.native = type("Native", (), {"extended": Extended()})()
+        implementation.cluster = ClusterSpec(rank=1, world_size=3)
+        with pytest.raises(ks.StrategyError, match=r"local devices differ \(worker 0: 1 GPU, worker 1: 1 CPU, "
+                                                   r"worker 2: 1 GPU\).*Give every worker a GPU, or hide the GPUs"):
+            implementation.check_local_devices()
+
+
+if BACKEND == "torch":
+
+    def test_torch_a_machine_without_gpus_among_gpu_machines(monkeypatch):
+        """Each process picks nccl with a GPU and gloo without: a CPU machine
+        among GPU machines would not meet them. KERAS_STRATEGIES_TORCH_BACKEND=gloo
+        on every machine makes one gloo group (gloo all-reduces CUDA tensors);
+        nccl without a GPU is refused."""
+        import torch
+
+        from keras_strategies.backends.torch.multi_worker import process_group_backend
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert process_group_backend({}) == "nccl"
+        assert process_group_backend({"KERAS_STRATEGIES_TORCH_BACKEND": "gloo"}) == "gloo"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert process_group_backend({}) == "gloo"
+        with pytest.raises(ks.StrategyError, match="this machine has no GPU .* set KERAS_STRATEGIES_TORCH_BACKEND"
+                                                   "=gloo on every machine"):
+            process_group_backend({"KERAS_STRATEGIES_TORCH_BACKEND": "nccl"})
+        with pytest.raises(ks.StrategyError, match="must be gloo or nccl; got 'mpi'"):
+            process_group_backend({"KERAS_STRATEGIES_TORCH_BACKEND": "mpi"})

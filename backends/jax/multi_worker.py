@@ -60,23 +60,34 @@ def _initialize(cluster, timeout, name):
 
 
 def check_devices_per_process(name):
-    """Raises a clear `StrategyError` on every process when the processes
-    have different numbers of devices (every process sees the same global
-    device list, so all decide alike, before any collective).
+    """Raises a clear `StrategyError` when the processes do not all hold the
+    same number of devices of this process's platform (every process sees
+    the same global device list of its platform, so they decide alike,
+    before any collective).
 
-    JAX itself compiles a step over such a mesh, but the multi-process
-    helpers Keras relies on assume the same number everywhere: `jax.pmap` in
-    Keras's `initialize_rng` (a bare AssertionError), and `jax.device_put`
-    of a host value onto the mesh, whose cross-process check reshapes the
-    devices as processes x local devices (ValueError).
+    JAX itself compiles a step over a mesh of 2 + 1 devices, but the
+    multi-process helpers Keras relies on assume the same number everywhere:
+    `jax.pmap` in Keras's `initialize_rng` (a bare AssertionError), and
+    `jax.device_put` of a host value onto the mesh, whose cross-process check
+    reshapes the devices as processes x local devices (ValueError). A
+    process with no device of the platform (a machine without the GPUs the
+    others have) is missing from the list altogether.
     """
+    platform = jax.default_backend()
     counts = collections.Counter(device.process_index for device in jax.devices())
+    missing = sorted(set(range(jax.process_count())) - set(counts))
+    if missing:
+        raise StrategyError(
+            f"{name} on the jax backend: process(es) {', '.join(map(str, missing))} have no {platform} device, "
+            f"and one JAX job runs on one platform ({platform} here). Give every machine the same kind of "
+            "accelerator, or run every process on its CPU (JAX_PLATFORMS=cpu on every machine)."
+        )
     if len(set(counts.values())) > 1:
         each = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
         raise StrategyError(
-            f"{name} on the jax backend: the processes have different numbers of {jax.default_backend()} "
-            f"devices ({each}), and the JAX functions Keras uses across processes (jax.pmap, jax.device_put) "
-            "need the same number in every process. Give every process the same number of devices "
+            f"{name} on the jax backend: the processes have different numbers of {platform} devices ({each}), "
+            "and the JAX functions Keras uses across processes (jax.pmap, jax.device_put) need the same number "
+            "in every process. Give every process the same number of devices "
             "(XLA_FLAGS=--xla_force_host_platform_device_count=N on CPUs, CUDA_VISIBLE_DEVICES on GPUs), or "
             "run one process per device (--nproc-per-node set to the machine's devices, each process seeing one)."
         )

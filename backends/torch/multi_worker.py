@@ -19,6 +19,7 @@ from keras_strategies.backends.torch.ddp import DataParallelStep
 from keras_strategies.backends.torch.fused_adam import fused_adam
 from keras_strategies.backends.torch.layout import copy_free_layouts
 from keras_strategies.backends.torch.store import loopback_init_method
+from keras_strategies.errors import StrategyError, WorkerError
 from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.multi_process import (
     MultiProcessImplementation,
@@ -26,6 +27,39 @@ from keras_strategies.implementation.multi_process import (
     loopback_only,
 )
 from keras_strategies.patches import overriding
+
+
+BACKEND_VARIABLE = "KERAS_STRATEGIES_TORCH_BACKEND"
+_MIXED_HINT = (f"If other machines of this job have GPUs, they chose nccl and this one gloo: set "
+               f"{BACKEND_VARIABLE}=gloo on every machine (gloo all-reduces CUDA tensors too).")
+
+
+def process_group_backend(environ=None):
+    """The `torch.distributed` backend of this process, which every process
+    of a job must share: `KERAS_STRATEGIES_TORCH_BACKEND` (`gloo` or `nccl`)
+    when set, else `nccl` with a GPU and `gloo` without. A job with a machine
+    without GPUs among GPU machines sets `gloo` on every machine.
+
+    Args:
+        environ: the environment (`os.environ` when `None`).
+
+    Returns:
+        `"gloo"` or `"nccl"`.
+
+    Example:
+    >>> process_group_backend({"KERAS_STRATEGIES_TORCH_BACKEND": "gloo"})
+    'gloo'
+    """
+    environ = os.environ if environ is None else environ
+    chosen = environ.get(BACKEND_VARIABLE, "").strip().lower()
+    if chosen not in ("", "gloo", "nccl"):
+        raise StrategyError(f"{BACKEND_VARIABLE} must be gloo or nccl; got {environ[BACKEND_VARIABLE]!r}.")
+    if chosen == "nccl" and not torch.cuda.is_available():
+        raise StrategyError(
+            f"{BACKEND_VARIABLE}=nccl, but this machine has no GPU (nccl needs one in every process): set "
+            f"{BACKEND_VARIABLE}=gloo on every machine of the job."
+        )
+    return chosen or ("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def gather_parts(outputs, examples, world):
@@ -84,16 +118,20 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
             )
         if torch.cuda.is_available():
             torch.cuda.set_device(self.native)
+        backend = process_group_backend()
         try:
             dist.init_process_group(
-                backend="nccl" if torch.cuda.is_available() else "gloo",
+                backend=backend,
                 init_method=self._init_method(),
                 rank=self.cluster.rank,
                 world_size=self.cluster.world_size,
                 timeout=datetime.timedelta(seconds=self.timeout),
             )
         except Exception as error:  # noqa: BLE001 - re-raised with context
-            raise self.join_error(error) from error
+            failure = self.join_error(error)
+            if backend == "gloo" and not os.environ.get(BACKEND_VARIABLE):
+                failure = WorkerError(f"{failure} {_MIXED_HINT}")
+            raise failure from error
 
     def _init_method(self):
         """torch's `tcp://` store, which listens on every interface; when every
