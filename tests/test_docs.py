@@ -135,6 +135,7 @@ LAUNCH_ERRORS = {
     "nnodes_zero": dict(nnodes=0),
     "node_rank_out_of_range": dict(nnodes=2, node_rank=2, master="10.0.0.1:29500"),
     "timeout_zero": dict(timeout=0),
+    "rendezvous_timeout_zero": dict(rendezvous_timeout=0),
     "num_ps_negative": dict(num_ps=-1),
     "num_ps_leaves_no_worker": dict(nproc_per_node=2, num_ps=1),
     "foreign_cluster_variables": dict(env={"TF_CONFIG": '{"cluster": {}}'}),
