@@ -3,11 +3,11 @@
 
     python tests/hetero_job.py OUT_DIR
 
-Each process trains under MultiWorkerMirrored with a global batch that does
-not divide over the job's replicas (a StrategyError is expected), then with
-one that does, next to a one-device reference on the same global batches;
-then one shuffled epoch of one-hot examples (each example moves only its own
-weight, by 2 * lr / batch when it is seen exactly once). It writes what it
+Each process first trains one shuffled epoch of one-hot examples (each
+example moves only its own weight, by 2 * lr / batch when it is seen exactly
+once), then under MultiWorkerMirrored with a global batch that does not
+divide over the job's replicas (a StrategyError is expected), then with one
+that does, next to a one-device reference on the same global batches. It writes what it
 saw to OUT_DIR/rank<K>.json and its weights to OUT_DIR/weights<K>.npz.
 
 Environment (set per launcher by the test):
@@ -52,6 +52,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from models import build, initial_weights, make_data  # noqa: E402
 
+# first, before any seed is set: left to itself, each worker would shuffle in its own order
+n = 72
+coverage = keras.Sequential([keras.Input((n,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+coverage.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+coverage.fit(np.eye(n, dtype="float32"), np.ones((n, 1), "float32"), batch_size=24, epochs=1, shuffle=True,
+             verbose=0, distribution=strategy)
+seen = coverage.get_weights()[0][:, 0]
+
 result = {"rank": rank, "workers": strategy.num_workers, "replicas": replicas, "devices": strategy.devices}
 x, y = make_data(n=72)
 weights = initial_weights("functional")
@@ -66,18 +74,12 @@ history = model.fit(x, y, batch_size=24, epochs=2, shuffle=False, verbose=0, dis
 reference = build("functional", weights)
 ref_history = reference.fit(x, y, batch_size=24, epochs=2, shuffle=False, verbose=0)
 
-n = 72
-coverage = keras.Sequential([keras.Input((n,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
-coverage.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
-coverage.fit(np.eye(n, dtype="float32"), np.ones((n, 1), "float32"), batch_size=24, epochs=1, shuffle=True,
-             verbose=0, distribution=strategy)
-
 np.savez(os.path.join(out, f"weights{rank}.npz"), *model.get_weights())
 result.update(
     history=history.history,
     ref_history=ref_history.history,
     max_weight_diff=max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), reference.get_weights())),
-    coverage=coverage.get_weights()[0][:, 0].tolist(),
+    coverage=seen.tolist(),
 )
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)

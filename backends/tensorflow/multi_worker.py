@@ -62,6 +62,9 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
     def default_devices(self):
         return [f"gpu:{i}" for i in range(gpu_count())] or ["cpu:0"]
 
+    def prepare_call(self, model, method, arguments):
+        return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())
+
     def check_local_devices(self):
         """Every worker's local devices, compared before any collective
         (through TensorFlow's coordination service): `StrategyError` on every
