@@ -96,6 +96,11 @@ PATCHES = (
     Patch("jax-indivisible-batch", ("keras.src.backend.jax.distribution_lib:distribute_data_input",),
           _FIXES.format("jax", "replicating_distribute_data_input"), "run", _JAX,
           "A batch that does not divide over the devices (the last one) raises IndivisibleError."),
+    Patch("jax-uneven-device-put", ("keras.src.backend.jax.distribution_lib:distribute_tensor",),
+          _FIXES.format("jax", "host_values_onto_mesh"), "run", _JAX,
+          "jax.device_put of a host value onto a mesh over processes with different numbers of devices "
+          "raises ValueError (its cross-process check assumes the same number everywhere); also active in "
+          "MultiWorkerMirrored's scope on JAX, where variables are created."),
     Patch("jax-callbacks-local", ("keras.src.callbacks.callback_list:CallbackList.on_*",),
           _FIXES.format("jax", "without_distribution"), "run", _JAX,
           "A callback saving on the chief alone would create cross-process arrays the others never join."),

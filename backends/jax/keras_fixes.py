@@ -7,6 +7,7 @@ it while one of this package's strategies runs.
 import contextlib
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from keras.src.distribution import TensorLayout, distribution_lib
 
@@ -55,6 +56,26 @@ def replicating_distribute_data_input(original):
         return original(per_process_batch, layout, batch_dim_name)
 
     return distribute_data_input
+
+
+def host_values_onto_mesh(original):
+    """`distribute_tensor` that lays a host value (or an array of this process
+    alone) onto a mesh spanning processes slice by slice, itself, instead of
+    with `jax.device_put`, whose cross-process equality check reshapes the
+    devices as processes x local devices: a ValueError when the processes
+    hold different numbers of devices."""
+    from keras.src.utils import jax_utils
+
+    def distribute_tensor(tensor, layout):
+        sharding = layout.backend_layout if isinstance(layout, TensorLayout) else layout
+        if (isinstance(sharding, NamedSharding) and not sharding.is_fully_addressable
+                and not jax_utils.is_in_jax_tracing_scope(tensor)
+                and (not isinstance(tensor, jax.Array) or tensor.is_fully_addressable)):
+            host = np.asarray(tensor)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return original(tensor, layout)
+
+    return distribute_tensor
 
 
 def without_distribution(original):

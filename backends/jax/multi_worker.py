@@ -9,7 +9,6 @@ DataLoader inputs all work and each example is used once per step.
 Metrics live in replicated arrays, so every worker reports global values.
 """
 
-import collections
 import contextlib
 import functools
 
@@ -17,13 +16,15 @@ import jax
 import keras
 import numpy as np
 from jax.experimental import multihost_utils
-from keras.src.backend.jax import distribution_lib as jax_distribution_lib
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from keras.src.utils import rng_utils
 
 from keras_strategies.backends.jax.base import JaxImplementation
 from keras_strategies.backends.jax.keras_fixes import input_mode
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.model_state import state_variables
+from keras_strategies import patches
 from keras_strategies.patches import overriding
 from keras_strategies.implementation.multi_process import (
     MultiProcessImplementation,
@@ -56,41 +57,66 @@ def _initialize(cluster, timeout, name):
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise join_error(name, "jax", cluster, timeout, error) from error
     check_devices_per_process(name)
-    jax_distribution_lib.initialize_rng()  # the same Keras seed on every process
+    _agree_seed()  # the same Keras seed on every process
 
 
 def check_devices_per_process(name):
-    """Raises a clear `StrategyError` when the processes do not all hold the
-    same number of devices of this process's platform (every process sees
-    the same global device list of its platform, so they decide alike,
-    before any collective).
-
-    JAX itself compiles a step over a mesh of 2 + 1 devices, but the
-    multi-process helpers Keras relies on assume the same number everywhere:
-    `jax.pmap` in Keras's `initialize_rng` (a bare AssertionError), and
-    `jax.device_put` of a host value onto the mesh, whose cross-process check
-    reshapes the devices as processes x local devices (ValueError). A
-    process with no device of the platform (a machine without the GPUs the
-    others have) is missing from the list altogether.
-    """
+    """Raises a clear `StrategyError` when a process has no device of this
+    process's platform (a machine without the GPUs the others have): every
+    process sees the same global device list of its platform, so the
+    processes that have one decide alike, before any collective. Processes
+    with different numbers of devices are fine (see `from_process_zero`
+    and the `jax-uneven-device-put` patch)."""
     platform = jax.default_backend()
-    counts = collections.Counter(device.process_index for device in jax.devices())
-    missing = sorted(set(range(jax.process_count())) - set(counts))
+    owners = {device.process_index for device in jax.devices()}
+    missing = sorted(set(range(jax.process_count())) - owners)
     if missing:
         raise StrategyError(
             f"{name} on the jax backend: process(es) {', '.join(map(str, missing))} have no {platform} device, "
             f"and one JAX job runs on one platform ({platform} here). Give every machine the same kind of "
             "accelerator, or run every process on its CPU (JAX_PLATFORMS=cpu on every machine)."
         )
-    if len(set(counts.values())) > 1:
-        each = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
-        raise StrategyError(
-            f"{name} on the jax backend: the processes have different numbers of {platform} devices ({each}), "
-            "and the JAX functions Keras uses across processes (jax.pmap, jax.device_put) need the same number "
-            "in every process. Give every process the same number of devices "
-            "(XLA_FLAGS=--xla_force_host_platform_device_count=N on CPUs, CUDA_VISIBLE_DEVICES on GPUs), or "
-            "run one process per device (--nproc-per-node set to the machine's devices, each process seeing one)."
-        )
+
+
+def _agree_seed():
+    """Process 0's Keras seed on every process, unless one was set: what
+    Keras's `initialize_rng` does with a `jax.pmap`, which needs the same
+    number of devices in every process (a bare AssertionError otherwise)."""
+    if rng_utils.get_random_seed() is None:
+        from keras.src.random import seed_generator
+
+        seed = from_process_zero([np.asarray(seed_generator.make_default_seed(), np.uint32)])[0]
+        rng_utils.set_random_seed(int(seed))
+
+
+def from_process_zero(values):
+    """Process 0's `values` on every process, whatever the number of devices
+    of each (JAX's `broadcast_one_to_all` needs the same number everywhere):
+    one compiled selection per dtype.
+
+    Args:
+        values: numpy arrays, the same shapes and dtypes on every process.
+
+    Returns:
+        A list of numpy arrays: process 0's values.
+    """
+    devices = jax.devices()
+    first = next(i for i, device in enumerate(devices) if device.process_index == 0)
+    mesh = Mesh(np.array(devices), ("processes",))
+    results = [None] * len(values)
+    for dtype in sorted({np.asarray(v).dtype for v in values}, key=str):  # one order on every process
+        chosen = [i for i, v in enumerate(values) if np.asarray(v).dtype == dtype]
+        flat = np.concatenate([np.asarray(values[i]).ravel() for i in chosen])
+        rows = np.broadcast_to(flat, (len(devices), flat.size))  # each device's row: its process's values
+        stacked = jax.make_array_from_callback(rows.shape, NamedSharding(mesh, PartitionSpec("processes")),
+                                               lambda index: rows[index])
+        picked = jax.jit(lambda a: a[first], out_shardings=NamedSharding(mesh, PartitionSpec()))(stacked)
+        picked, offset = np.asarray(picked.addressable_data(0)), 0
+        for i in chosen:
+            size = np.asarray(values[i]).size
+            results[i] = picked[offset:offset + size].reshape(np.shape(values[i]))
+            offset += size
+    return results
 
 
 def _address(host, port):
@@ -112,7 +138,7 @@ def _gloo_on(host):
 class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
     """A `DataParallel` mesh over every device of every process."""
 
-    keras_patches = JaxImplementation.keras_patches + ("jax-callbacks-local",)
+    keras_patches = JaxImplementation.keras_patches + ("jax-callbacks-local", "jax-uneven-device-put")
     lost_contact_markers = ("Gloo", "gloo", "Connection", "DEADLINE", "heartbeat", "UNAVAILABLE")
 
     def __init__(self, strategy, devices, cluster, timeout):
@@ -120,6 +146,11 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
             _initialize(cluster, timeout, type(strategy).__name__)
         super().__init__(strategy, devices, cluster, timeout)
         self._method = None
+
+    @contextlib.contextmanager
+    def scope(self):
+        with super().scope(), patches.active(("jax-uneven-device-put",)):  # variables are created here
+            yield
 
     def make_distribution(self):
         return keras.distribution.DataParallel(
@@ -150,12 +181,11 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
         same weights)."""
         if jax.process_count() == 1:
             return self.lay_out(model)
-        for variable in state_variables(model):
-            if variable._value is not None:
-                layout = self.native.get_variable_layout(variable)
-                value = multihost_utils.broadcast_one_to_all(np.asarray(variable._value))
-                variable._layout = layout
-                variable._value = self.place(value, layout.backend_layout)
+        variables = [v for v in state_variables(model) if v._value is not None]
+        for variable, value in zip(variables, from_process_zero([np.asarray(v._value) for v in variables])):
+            layout = self.native.get_variable_layout(variable)
+            variable._layout = layout
+            variable._value = self.place(value, layout.backend_layout)
 
     @contextlib.contextmanager
     def run_context(self, model):
