@@ -7,7 +7,8 @@ Each process first trains one shuffled epoch of one-hot examples (each
 example moves only its own weight, by 2 * lr / batch when it is seen exactly
 once), then under MultiWorkerMirrored with a global batch that does not
 divide over the job's replicas (a StrategyError is expected), then with one
-that does, next to a one-device reference on the same global batches. It writes what it
+that does, next to a one-device reference on the same global batches; then
+evaluates and predicts, and evaluates a model built in the strategy's scope. It writes what it
 saw to OUT_DIR/rank<K>.json and its weights to OUT_DIR/weights<K>.npz.
 
 Environment (set per launcher by the test):
@@ -73,6 +74,11 @@ except ks.StrategyError as error:
 history = model.fit(x, y, batch_size=24, epochs=2, shuffle=False, verbose=0, distribution=strategy)
 reference = build("functional", weights)
 ref_history = reference.fit(x, y, batch_size=24, epochs=2, shuffle=False, verbose=0)
+evaluation = model.evaluate(x, y, batch_size=24, verbose=0, distribution=strategy)
+predictions = model.predict(x, batch_size=24, verbose=0, distribution=strategy)
+with strategy.scope():  # variables created in the scope, on every replica
+    scoped = build("functional", weights)
+scoped_evaluation = scoped.evaluate(x, y, batch_size=24, verbose=0)
 
 np.savez(os.path.join(out, f"weights{rank}.npz"), *model.get_weights())
 result.update(
@@ -80,6 +86,11 @@ result.update(
     ref_history=ref_history.history,
     max_weight_diff=max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), reference.get_weights())),
     coverage=seen.tolist(),
+    evaluate=evaluation,
+    ref_evaluate=reference.evaluate(x, y, batch_size=24, verbose=0),
+    max_predict_diff=float(np.abs(predictions - reference.predict(x, batch_size=24, verbose=0)).max()),
+    scoped_evaluate=scoped_evaluation,
+    ref_scoped_evaluate=build("functional", weights).evaluate(x, y, batch_size=24, verbose=0),
 )
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
