@@ -280,29 +280,44 @@ def _fail(arrived, message):
 
 
 def _join_nodes(host, port, own, timeout):
-    """Every other machine: says hello to node 0 and waits for its answer."""
+    """Every other machine: says hello to node 0 and waits for its answer.
+
+    Whatever else holds the port and closes the connection without an answer
+    (on a restart, the last run's rank 0, not yet gone) is tried again, until
+    the deadline."""
     rank, address = own["node_rank"], f"{host}:{port}"
-    connection = _reach(host, port, rank, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        reply, reason = _ask_node_0(_reach(host, port, rank, timeout, deadline), own, timeout)
+        if isinstance(reply, dict) and "error" in reply:
+            raise LaunchError(reply["error"])
+        if isinstance(reply, dict) and "counts" in reply:
+            return reply["counts"]
+        if reason == "no answer in time" or time.monotonic() >= deadline:
+            raise LaunchError(
+                f"node {rank} lost node 0 at {address} during the rendezvous ({reason}): see node 0's "
+                "output for why, then start the launcher of every machine again."
+            )
+        time.sleep(0.2)
+
+
+def _ask_node_0(connection, own, timeout):
+    """`(reply, None)`, or `(None, why there is none)`."""
     with connection:
         # node 0 answers within its own timeout, which started before we connected
         connection.settimeout(timeout + _GOODBYE_SECONDS)
         try:
             _send_line(connection, own)
-            reply = _recv_line(connection)
+            return _recv_line(connection), None
+        except socket.timeout:
+            return None, "no answer in time"
         except (OSError, ValueError) as error:
-            reason = "no answer in time" if isinstance(error, socket.timeout) else error
-            raise LaunchError(
-                f"node {rank} lost node 0 at {address} during the rendezvous ({reason}): see node 0's "
-                "output for why, then start the launcher of every machine again."
-            ) from None
-    if "error" in reply:
-        raise LaunchError(reply["error"])
-    return reply["counts"]
+            return None, str(error)
 
 
-def _reach(host, port, rank, timeout):
-    """A connection to node 0, retried until `timeout`."""
-    deadline = time.monotonic() + timeout
+def _reach(host, port, rank, timeout, deadline):
+    """A connection to node 0, retried until `deadline` (`timeout` seconds
+    after this machine's launcher began to wait)."""
     while True:
         try:
             return socket.create_connection((host, port), timeout=max(0.5, min(5.0, deadline - time.monotonic())))
