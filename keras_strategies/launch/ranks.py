@@ -122,18 +122,8 @@ def _check_options(command, nproc_per_node, nnodes, node_rank, timeout, rendezvo
             raise LaunchError(f"--{name} must be a positive number of seconds; got {value!r}.")
 
 
-def launch(
-    command,
-    nproc_per_node=1,
-    nnodes=1,
-    node_rank=0,
-    master=None,
-    env=None,
-    timeout=None,
-    prefix_output=True,
-    num_ps=0,
-    rendezvous_timeout=RENDEZVOUS_TIMEOUT,
-):
+def launch(command, nproc_per_node=1, nnodes=1, node_rank=0, master=None, env=None, timeout=None,
+           prefix_output=True, num_ps=0, rendezvous_timeout=RENDEZVOUS_TIMEOUT):
     """Starts this machine's ranks of a job and waits for them.
 
     Args:
@@ -142,38 +132,31 @@ def launch(
         nproc_per_node: ranks to start on this machine.
         nnodes: machines in the job (each runs this launcher).
         node_rank: this machine's index, `0..nnodes - 1`; node 0 hosts rank 0.
-        master: `"ADDR:PORT"` of rank 0's rendezvous. Required when
-            `nnodes > 1`; with one node, `None` picks a free port on
-            127.0.0.1. On node 0 a port already in use is an error.
-        env: variables to add to (or override in) `os.environ` for the ranks.
-            It must not set TF_CONFIG or KERAS_DISTRIBUTION_*: the launcher
-            describes the cluster itself.
+        master: `"ADDR:PORT"` of the rendezvous, required when `nnodes > 1`
+            (on node 0 a port in use is an error); else `None` picks a free
+            port on 127.0.0.1.
+        env: variables to add to (or override in) `os.environ` for the ranks
+            (not TF_CONFIG or KERAS_DISTRIBUTION_*: the launcher sets those).
         timeout: seconds after which every rank is stopped and the launcher
             returns 124; `None` waits for ever.
-        prefix_output: prefix each line of each rank's stdout and stderr with
-            `[rank K] ` (`[chief] `, `[worker K] `, `[ps K] ` with `num_ps`);
-            `False` lets the ranks write to the launcher's own streams.
+        prefix_output: prefix each output line with `[rank K] ` (`[chief] `,
+            `[worker K] `, `[ps K] ` with `num_ps`).
         num_ps: how many of the job's processes (the last ones) are
-            parameter servers, for `ParameterServer` (sets
-            `KERAS_STRATEGIES_NUM_PS`); rank 0 is then the chief and the
-            others are workers. A worker that fails does not stop the job
-            (the chief gives its work to the others); the chief or a
-            parameter server failing does.
-        rendezvous_timeout: with `nnodes > 1`, the seconds node 0 waits for every
-            other machine's launcher (and each of those waits to reach node 0,
-            then for its answer) before every launcher fails with a
+            parameter servers (sets `KERAS_STRATEGIES_NUM_PS`); rank 0 is the
+            chief, the others workers, whose failure does not stop the job.
+        rendezvous_timeout: with `nnodes > 1`, the seconds the machines'
+            launchers wait for each other before every one fails with a
             `LaunchError` naming the machine; default 300.
 
     Returns:
-        The exit code the CLI exits with: 0 when every rank exits 0; else the
-        first failed rank's code (128 + N for a rank killed by signal N);
-        124 on timeout; 130, 143 or 129 when the launcher got SIGINT, SIGTERM
-        or SIGHUP.
+        The exit code: 0 when every rank exits 0; else the first failed
+        rank's (128 + N for signal N); 124 on timeout; after SIGINT, SIGTERM
+        or SIGHUP to the launcher 75 if the ranks saved and exited 75, else
+        130, 143 or 129.
 
     Raises:
         LaunchError: bad options, a busy `--master` port, machines that do
-            not make one job (see `ranks_of_this_machine`), or a rank that
-            cannot be started.
+            not make one job, or a rank that cannot be started.
 
     Example:
     ```python
@@ -191,6 +174,14 @@ def launch(
     master = f"{addr}:{port}"
     ranks, world_size = ranks_of_this_machine(master, node_rank, nnodes, nproc_per_node, rendezvous_timeout, num_ps)
     _check_num_ps(num_ps, world_size)
+    environments, labels, workers = _rank_environments(base, ranks, world_size, nproc_per_node, node_rank, master,
+                                                       num_ps)
+    return Job(command, environments, prefix_output, labels, expendable=workers).run(timeout)
+
+
+def _rank_environments(base, ranks, world_size, nproc_per_node, node_rank, master, num_ps):
+    """Each of this machine's ranks' environment and output label, and the
+    ranks whose failure does not stop the job (a ParameterServer job's workers)."""
     base.update(rank_thread_settings(nproc_per_node, base))
     if num_ps:
         base[NUM_PS_VARIABLE] = str(num_ps)
@@ -200,7 +191,7 @@ def launch(
     ]
     labels = [role_label(rank, world_size, num_ps) for rank in ranks]
     workers = [rank for rank, label in zip(ranks, labels) if num_ps and label.startswith("worker")]
-    return Job(command, environments, prefix_output, labels, expendable=workers).run(timeout)
+    return environments, labels, workers
 
 
 def ranks_of_this_machine(master, node_rank, nnodes, nproc_per_node, rendezvous_timeout, num_ps=0):
