@@ -39,6 +39,7 @@ def _load():
     from keras_strategies.auto import auto
     from keras_strategies.cluster import ClusterError, ClusterSpec, resolve_cluster
     from keras_strategies.errors import (
+        PREEMPTED_EXIT_CODE,
         KerasStrategiesError,
         LaunchError,
         StrategyError,
@@ -64,6 +65,7 @@ def _load():
 
 
 __all__ = [
+    "PREEMPTED_EXIT_CODE",
     "CentralStorage",
     "ClusterError",
     "ClusterSpec",

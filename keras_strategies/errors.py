@@ -51,6 +51,12 @@ class WorkerError(KerasStrategiesError, RuntimeError):
 
 
 WORKER_LOST_EXIT_CODE = 75  # EX_TEMPFAIL: the launcher may restart the job
+PREEMPTED_EXIT_CODE = 75
+"""The exit code of every process of a job stopped by SIGTERM after writing its
+`BackupAndRestore` backup: run the job again and it resumes at the step it
+stopped at. The same value as a lost peer's (75, `EX_TEMPFAIL`): both mean
+"temporary failure, run me again"; `keras-strategies launch --max-restarts N`
+restarts after it."""
 
 
 def unsupported(strategy_name, backend, missing, fix=None):

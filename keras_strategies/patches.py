@@ -114,6 +114,10 @@ PATCHES = (
           "keras_strategies.backends.torch.layout:copy_free", "run", _TORCH,
           "Keras copies every channels_last conv/pool input to NCHW; a channels_last view copies "
           "nothing (upstream: keras PR 23199, issue 23649)."),
+    Patch("resume-mid-epoch", ("keras.src.trainers.epoch_iterator:EpochIterator._enumerate_iterator",),
+          "keras_strategies.implementation.resume:skipping_enumerate", "run", _ALL,
+          "Keras's BackupAndRestore resumes at the start of the saved epoch (its saved step is never "
+          "used): the first epoch of a resumed fit starts at the saved step."),
     Patch("tf-replica-local-optimizer",
           ("Optimizer.apply", "Optimizer._backend_update_step", "Optimizer._apply_weight_decay",
            "Optimizer._backend_increment_gradient_accumulators",

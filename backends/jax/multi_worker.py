@@ -175,6 +175,18 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
         self._method = method
         return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())
 
+    def broadcast_bytes(self, data):
+        if jax.process_count() == 1:
+            return data
+        size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if self.is_chief else 0)))
+        payload = np.frombuffer(data, np.uint8) if self.is_chief else np.zeros(size, np.uint8)
+        return np.asarray(multihost_utils.broadcast_one_to_all(payload)).tobytes()
+
+    def any_worker(self, flag):
+        if jax.process_count() == 1:
+            return bool(flag)
+        return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
     def _lay_out_synced(self, model):
         """`lay_out` with rank 0's values everywhere (models built with
         different seeds, or changed by hand on one worker, start from the

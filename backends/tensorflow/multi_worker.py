@@ -8,6 +8,7 @@ coordinator address that tells every worker the others' addresses. Keras
 are applied while it runs.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from keras_strategies.backends.tensorflow.base import TFImplementation, gpu_count
@@ -56,11 +57,49 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
                     "building a model or running any TensorFlow operation.",
                 ) from error
         self.native = _native["strategy"]
+        self._collectives = {}  # traced broadcast / any-worker functions
         if first and cluster.world_size > 1:
             self.check_local_devices()
 
     def default_devices(self):
         return [f"gpu:{i}" for i in range(gpu_count())] or ["cpu:0"]
+
+    def _sum_over_workers(self, values, chief_only):
+        """`values` (a float32 vector) summed over the workers: every worker's
+        or, with `chief_only`, the chief's alone (the others add zeros). One
+        traced collective (run eagerly, TensorFlow warns of its overhead)."""
+        local = np.asarray(values, np.float32)
+        if chief_only and not self.is_chief:
+            local = np.zeros_like(local)
+        key = ("sum", chief_only)
+        if key not in self._collectives:
+            strategy = self.native
+
+            @tf.function
+            def total(value):
+                def contribute():
+                    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                    return value * tf.cast(tf.equal(replica, 0), tf.float32) if chief_only else value
+
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(contribute), axis=None)
+
+            self._collectives[key] = total
+        return self._collectives[key](tf.constant(local)).numpy()
+
+    def broadcast_bytes(self, data):
+        if not self.multi_process:
+            return data
+        length = np.frombuffer(len(data).to_bytes(8, "little") if self.is_chief else bytes(8), np.uint8)
+        size = int.from_bytes(self._sum_over_workers(length.astype(np.float32), True).astype(np.uint8).tobytes(),
+                              "little")
+        values = np.frombuffer(data, np.uint8) if self.is_chief else np.zeros(size, np.uint8)
+        # bytes are 0..255, exact in float32
+        return self._sum_over_workers(values.astype(np.float32), chief_only=True).astype(np.uint8).tobytes()
+
+    def any_worker(self, flag):
+        if not self.multi_process:
+            return bool(flag)
+        return bool(self._sum_over_workers([1.0 if flag else 0.0], chief_only=False)[0] > 0)
 
     def prepare_call(self, model, method, arguments):
         return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())

@@ -144,6 +144,21 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
             return f"tcp://{self.cluster.coordinator}"
         return loopback_init_method(host, int(self.cluster.coordinator.rsplit(":", 1)[1]))
 
+    def broadcast_bytes(self, data):
+        if not self.multi_process:
+            return data
+        box = [data if self.is_chief else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any_worker(self, flag):
+        if not self.multi_process:
+            return bool(flag)
+        on = self.native if self.native.type == "cuda" else torch.device("cpu")
+        value = torch.tensor([1.0 if flag else 0.0], device=on)
+        dist.all_reduce(value)
+        return bool(value.item() > 0)
+
     def prepare_call(self, model, method, arguments):
         rank, world = self.cluster.rank, self.cluster.world_size
         self._predicted = None

@@ -13,6 +13,7 @@ import contextlib
 from keras_strategies import patches
 from keras_strategies.devices import check_available, normalize_devices, parse_device
 from keras_strategies.errors import unsupported
+from keras_strategies.implementation.resume import exact_backups
 
 
 class Implementation(abc.ABC):
@@ -25,6 +26,7 @@ class Implementation(abc.ABC):
 
     backend = None  # the Keras backend, set by each backend's base class
     keras_patches = ()  # names of "run" patches (keras_strategies.patches) active during a run
+    exact_resume = True  # a fit's BackupAndRestore resumes exactly (implementation.resume)
 
     @classmethod
     def create(cls, strategy, devices, **options):
@@ -113,6 +115,30 @@ class Implementation(abc.ABC):
         """Rewrites what Keras's method returned (still inside the run)."""
         return result
 
+    # -- collectives across the job's processes (one process: nothing to do)
+    def broadcast_bytes(self, data):
+        """The chief's `data` (bytes), on every worker.
+
+        Args:
+            data: the bytes to send (read on the chief only).
+
+        Returns:
+            The chief's bytes.
+        """
+        return data
+
+    def any_worker(self, flag):
+        """Whether `flag` is true on any worker (a collective every worker
+        calls at the same point).
+
+        Args:
+            flag: this worker's boolean.
+
+        Returns:
+            The same boolean on every worker.
+        """
+        return bool(flag)
+
     # -- one fit/evaluate/predict --------------------------------------------
     def run(self, model, method, original, arguments, attached):
         """Runs Keras's own `original` method under this strategy.
@@ -129,7 +155,7 @@ class Implementation(abc.ABC):
             What the original method returns.
         """
         arguments = self.prepare_call(model, method, arguments)
-        with patches.active(self.keras_patches):
+        with patches.active(self.keras_patches), exact_backups(self, model, method, arguments):
             if not attached:
                 self.attach(model)
             try:

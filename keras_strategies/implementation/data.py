@@ -122,6 +122,16 @@ class ShuffledShards(keras.utils.PyDataset):
         self.epoch += 1
         self._reindex()
 
+    def set_epoch(self, epoch):
+        """Draws epoch `epoch`'s order (with the current `seed`): a run
+        resumed from a backup sees the order the interrupted one saw.
+
+        Args:
+            epoch: the training epoch about to start (from 0).
+        """
+        self.epoch = epoch
+        self._reindex()
+
 
 class BatchChunks(keras.utils.PyDataset):
     """Worker `rank`'s chunk of each batch of a batched `PyDataset`."""

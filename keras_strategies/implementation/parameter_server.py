@@ -243,6 +243,10 @@ class ParameterServerImplementation(MultiProcessImplementation):
             parameter servers.
     """
 
+    # Updates are asynchronous: a rerun resumes at the last backed-up epoch
+    # (Keras's own BackupAndRestore), not at an exact step.
+    exact_resume = False
+
     def __init__(self, strategy, devices, cluster, timeout):
         super().__init__(strategy, devices, cluster, timeout)
         self.steps_by_worker = {}  # worker index -> updates it computed (chief)
