@@ -200,3 +200,56 @@ def listening_sockets(pid=None):
 def is_loopback_address(address):
     """127.x, ::1 or an IPv4-mapped 127.x."""
     return address.startswith(("127.", "::ffff:127.")) or address == "::1"
+
+
+# -- resume (tests/test_resume.py, tests/resume_job.py) -----------------------
+RESUME_EPOCHS, RESUME_BATCH, RESUME_SAVE_FREQ = 3, 8, 4  # 69 examples: 9 batches an epoch
+
+
+def resume_model(optimizer="adam", width=16, seed=1):
+    """A small classifier with a decaying learning rate (Adam, or SGD with
+    momentum); `set_seed(seed)` also fixes the shuffle seed."""
+    set_seed(seed)
+    model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(width, activation="relu"),
+                              keras.layers.Dense(CLASSES, activation="softmax")])
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=5, decay_rate=0.8)
+    optimizer = (keras.optimizers.Adam(schedule) if optimizer == "adam"
+                 else keras.optimizers.SGD(schedule, momentum=0.9))
+    model.compile(optimizer, "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def resume_fit(model, backup_dir, distribution, callbacks=(), delete=False):
+    """`fit` with `BackupAndRestore(backup_dir, save_freq=RESUME_SAVE_FREQ)`;
+    returns the epochs it trained."""
+    x, y = make_data(69)
+    backup = keras.callbacks.BackupAndRestore(backup_dir, save_freq=RESUME_SAVE_FREQ, delete_checkpoint=delete)
+    history = model.fit(x, y, batch_size=RESUME_BATCH, epochs=RESUME_EPOCHS, verbose=0,
+                        distribution=distribution, callbacks=[backup, *callbacks])
+    return history.epoch
+
+
+class StopBefore(keras.callbacks.Callback):
+    """Interrupts a run before batch `at` (1-based, counted over the whole
+    run): `how` is `"RAISE"` (a RuntimeError) or a signal name sent to this
+    process (`"KILL"`, `"TERM"`) when `this_rank` is true."""
+
+    def __init__(self, at, how, this_rank=True):
+        super().__init__()
+        self.at, self.how, self.this_rank = at, how, this_rank
+
+    def on_train_batch_begin(self, batch, logs=None):
+        import signal
+
+        done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if done + 1 != self.at:
+            return
+        if self.how == "RAISE":
+            raise RuntimeError(f"stopped before batch {self.at}")
+        if self.this_rank:
+            os.kill(os.getpid(), getattr(signal, "SIG" + self.how))
+
+
+def largest_difference(a, b):
+    """The largest absolute difference between two lists of arrays."""
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b))

@@ -107,9 +107,8 @@ def choose_backup(backup_dir):
             skipped.append(f"{path} ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
             continue
         if skipped:
-            logger.warning("keras_strategies: BackupAndRestore: the newest backup cannot be read, "
-                           "resuming from the one before: %s is unreadable; using %s",
-                           "; ".join(skipped), path)
+            logger.warning("keras_strategies: BackupAndRestore cannot read %s; resuming from the "
+                           "backup before it, %s", "; ".join(skipped), path)
         return {"path": path, "state": state}
     if skipped:
         return {"error": (f"BackupAndRestore({backup_dir!r}): no backup in it can be read: "
