@@ -30,6 +30,7 @@ EXPECTED = {
     "tpu.py": "This example needs a TPU, and cannot run here: TPU on the",
     "multi_worker.py": "[rank 1] worker 1/2: backend",
     "parameter_server.py": "[chief] chief: backend",
+    "resume.py": "final weights equal the uninterrupted run",
 }
 
 
