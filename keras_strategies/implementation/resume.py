@@ -196,13 +196,13 @@ class ExactBackup(keras.callbacks.Callback):
         if weights is None:
             return
         state = header["state"]
-        problem = difference(state["signature"], signature(model))
-        if problem:
-            raise StrategyError(
-                f"BackupAndRestore({self.backup_dir!r}): the backup {header['path']} was written for "
-                f"another model: {problem}. Resume with the model and optimizer it was written for, or "
-                "give this run another backup_dir; the backup was left unchanged.")
         try:
+            problem = difference(state["signature"], signature(model))
+            if problem:
+                raise StrategyError(
+                    f"BackupAndRestore({self.backup_dir!r}): the backup {header['path']} was written for "
+                    f"another model: {problem}. Resume with the model and optimizer it was written for, or "
+                    "give this run another backup_dir; the backup was left unchanged.")
             model.load_weights(weights)
         finally:
             if weights != backup_files.weights_path(header["path"]):
@@ -220,9 +220,11 @@ class ExactBackup(keras.callbacks.Callback):
             self.dataset.set_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
+        before = self.batches  # `batch` is the last of the call's steps (steps_per_execution)
+        self.batches += batch + 1 - self.step
         self.step = batch + 1
-        self.batches += 1
-        if self.save_freq != "epoch" and self.save_freq and self.batches % self.save_freq == 0:
+        every = self.save_freq if self.save_freq != "epoch" else 0
+        if every and self.batches // every > before // every:
             self._save()
         if self.sigterm is not None and self.implementation.any_worker(self.sigterm.received):
             self._save()
