@@ -117,11 +117,15 @@ def _stopped_and_resumed(strategy, optimizer, backup_dir, how, truncate=False):
 
 
 @pytest.mark.parametrize("name, optimizer, how, truncate", [
-    ("Mirrored", "sgd", "RAISE", False),
     ("Mirrored", "adam", "RAISE", True),
-    ("CentralStorage", "adam", "TERM", False),
+    ("CentralStorage", "sgd", "TERM", False),
 ])
 def test_mirrored_and_central_storage_resume_exactly(tmp_path, caplog, name, optimizer, how, truncate):
+    """In this process: a fit stopped before batch 14 (an exception, or
+    SIGTERM: saved after batch 14, SystemExit 75) and run again ends within
+    1e-5 of an uninterrupted fit, having trained 27 steps in all; with its
+    newest backup truncated it resumes from the one before, saying so in one
+    warning line."""
     strategy = ks.Mirrored(devices=REPLICA_DEVICES) if name == "Mirrored" else ks.CentralStorage()
     reference = resume_model(optimizer)
     resume_fit(reference, str(tmp_path / "reference"), strategy)
