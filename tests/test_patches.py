@@ -5,6 +5,7 @@ import inspect
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import keras
@@ -46,7 +47,9 @@ def train_under_every_strategy(replica_devices):
             def on_train_batch_end(self, batch, logs=None):
                 seen.append(patches.applied())
 
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[Probe()], distribution=strategy)
+        # a BackupAndRestore brings in its patch (resume-mid-epoch) too
+        backup = keras.callbacks.BackupAndRestore(tempfile.mkdtemp(prefix="ks-test-backup-"))
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[Probe(), backup], distribution=strategy)
         yield strategy, seen
 
 
