@@ -100,23 +100,44 @@ def from_process_zero(values):
     Returns:
         A list of numpy arrays: process 0's values.
     """
-    devices = jax.devices()
-    first = next(i for i, device in enumerate(devices) if device.process_index == 0)
-    mesh = Mesh(np.array(devices), ("processes",))
     results = [None] * len(values)
     for dtype in sorted({np.asarray(v).dtype for v in values}, key=str):  # one order on every process
         chosen = [i for i, v in enumerate(values) if np.asarray(v).dtype == dtype]
         flat = np.concatenate([np.asarray(values[i]).ravel() for i in chosen])
-        rows = np.broadcast_to(flat, (len(devices), flat.size))  # each device's row: its process's values
-        stacked = jax.make_array_from_callback(rows.shape, NamedSharding(mesh, PartitionSpec("processes")),
-                                               lambda index: rows[index])
-        picked = jax.jit(lambda a: a[first], out_shardings=NamedSharding(mesh, PartitionSpec()))(stacked)
-        picked, offset = np.asarray(picked.addressable_data(0)), 0
+        picked, offset = over_processes(flat, "first"), 0
         for i in chosen:
             size = np.asarray(values[i]).size
             results[i] = picked[offset:offset + size].reshape(np.shape(values[i]))
             offset += size
     return results
+
+
+_COMBINE = {}  # (how, devices) -> the compiled combination
+
+
+def over_processes(flat, how):
+    """Every process's `flat` combined over the processes, on every process:
+    `"first"` gives process 0's, `"max"` the elementwise largest. Any number
+    of devices per process (each device's row holds its process's values).
+
+    Args:
+        flat: a 1-D numpy array, the same shape and dtype on every process.
+        how: `"first"` or `"max"`.
+
+    Returns:
+        A numpy array shaped like `flat`.
+    """
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), ("processes",))
+    rows = np.broadcast_to(flat, (len(devices), flat.size))
+    stacked = jax.make_array_from_callback(rows.shape, NamedSharding(mesh, PartitionSpec("processes")),
+                                           lambda index: rows[index])
+    key = (how, tuple(devices))
+    if key not in _COMBINE:
+        first = next(i for i, device in enumerate(devices) if device.process_index == 0)
+        combine = (lambda a: a[first]) if how == "first" else (lambda a: a.max(axis=0))
+        _COMBINE[key] = jax.jit(combine, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return np.asarray(_COMBINE[key](stacked).addressable_data(0))
 
 
 def _address(host, port):
@@ -178,14 +199,15 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
     def broadcast_bytes(self, data):
         if jax.process_count() == 1:
             return data
-        size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if self.is_chief else 0)))
+        length = np.frombuffer(len(data).to_bytes(8, "little") if self.is_chief else bytes(8), np.uint8)
+        size = int.from_bytes(over_processes(length, "first").tobytes(), "little")
         payload = np.frombuffer(data, np.uint8) if self.is_chief else np.zeros(size, np.uint8)
-        return np.asarray(multihost_utils.broadcast_one_to_all(payload)).tobytes()
+        return over_processes(payload, "first").tobytes()
 
     def any_worker(self, flag):
         if jax.process_count() == 1:
             return bool(flag)
-        return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+        return bool(over_processes(np.array([int(bool(flag))], np.int32), "max")[0])
 
     def _lay_out_synced(self, model):
         """`lay_out` with rank 0's values everywhere (models built with
