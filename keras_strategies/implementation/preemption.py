@@ -2,11 +2,12 @@
 before they kill a process.
 
 While a `fit` with a `BackupAndRestore` runs under one of this package's
-strategies, SIGTERM only raises a flag. After every training step the workers
-agree on it (one scalar collective; any worker's flag counts), so every
-worker stops after the same step: each finishes the step it is in, the chief
-writes the backup, and every process exits with `PREEMPTED_EXIT_CODE` (75,
-"temporary failure, run me again"). TensorFlow's
+strategies, SIGTERM only raises a flag. The workers agree on it (one scalar
+collective every `resume.AGREE_EVERY` steps, after every step in a single
+process; any worker's flag counts), so every worker stops after the same
+step: each finishes its steps up to there, the chief writes the backup, and
+every process exits with `PREEMPTED_EXIT_CODE` (75, "temporary failure, run
+me again"). TensorFlow's
 `PreemptionCheckpointHandler` agrees the same way (a step at which every
 worker saves), through the coordination service.
 """
