@@ -54,7 +54,8 @@ def save(result, model):
 backup_dir = args.backup if rank == 0 or not args.private else f"{args.backup}-private{rank}"
 model = resume_model(args.optimizer)
 np.savez(os.path.join(args.out, f"initial{rank}.npz"), *model.get_weights())
-callbacks = [StopBefore(args.stop_at, args.stop_with, rank == args.stop_rank)] if args.stop_at else []
+first_run = os.environ.get("KERAS_STRATEGIES_RESTART_COUNT", "0") == "0"  # a restarted run is not stopped
+callbacks = [StopBefore(args.stop_at, args.stop_with, rank == args.stop_rank)] if args.stop_at and first_run else []
 result = {"rank": rank, "workers": strategy.num_workers, "backup_dir": backup_dir,
           "backend": keras.backend.backend()}
 try:

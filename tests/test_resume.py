@@ -51,23 +51,29 @@ def contents(directory):
     return found
 
 
-def job(out, backup, *options, processes=2):
+def job(out, backup, *options, processes=2, launcher=()):
     os.makedirs(out, exist_ok=True)
-    return run_launcher(["--nproc-per-node", str(processes), JOB, str(out), str(backup), *options], TIMEOUT)
+    return run_launcher(["--nproc-per-node", str(processes), *launcher, JOB, str(out), str(backup), *options],
+                        TIMEOUT)
 
 
 def test_multi_worker_killed_resumed_preempted_and_resumed_on_one_worker(tmp_path):
-    """2 processes, rank 1 SIGKILLed before batch 14: the rerun (2 processes,
-    the non-chief with an empty private backup directory: no shared disk)
-    resumes from the chief's backup at batch 12; rank 1 then gets SIGTERM
-    before batch 20: every rank finishes batch 20, the chief backs it up (no
-    step lost) and both exit with PREEMPTED_EXIT_CODE holding the same
-    weights; one process resumes that backup and ends with the weights of a
-    run that never stopped."""
+    """2 processes under `--max-restarts 1`, rank 1 SIGKILLed before batch
+    14: the launcher restarts both, which resume from the chief's backup at
+    batch 12 (the non-chief with an empty private backup directory: no
+    shared disk) and end with the weights of a run that never stopped. A new
+    run: rank 1 gets SIGTERM before batch 20: every rank finishes batch 20,
+    the chief backs it up (no step lost) and both exit with
+    PREEMPTED_EXIT_CODE holding the same weights; one process resumes that
+    backup and ends with the weights of a run that never stopped."""
     backup = tmp_path / "backup"
-    code, text = job(tmp_path / "killed", backup, "--private", "--stop-at", "14", "--stop-with", "KILL")
-    assert code == 128 + signal.SIGKILL, text[-3000:]
-    assert backups(backup) == ["backup-000000000008", "backup-000000000012"], text[-3000:]
+    code, text = job(tmp_path / "killed", tmp_path / "first", "--private", "--stop-at", "14", "--stop-with", "KILL",
+                     "--reference", launcher=("--max-restarts", "1"))
+    assert code == 0 and "restart 1 of 1" in text and "killed by SIGKILL" in text, text[-3000:]
+    restarted = [read_json(tmp_path / "killed" / f"rank{r}.json") for r in range(2)]
+    assert [r["epochs"] for r in restarted] == [[1, 2]] * 2, restarted  # resumed at batch 12, in epoch 1
+    assert max(r["reference_difference"] for r in restarted) < EXACT, restarted
+    assert not os.path.exists(restarted[1]["backup_dir"])  # a non-chief writes nothing
 
     code, text = job(tmp_path / "preempted", backup, "--private", "--stop-at", "20", "--stop-with", "TERM")
     assert code == ks.PREEMPTED_EXIT_CODE, text[-3000:]
