@@ -124,7 +124,9 @@ def _stopped_and_resumed(strategy, optimizer, backup_dir, how, truncate=False):
 
 @pytest.mark.parametrize("name, optimizer, how, truncate", [
     ("Mirrored", "adam", "RAISE", True),
+    ("Mirrored", "sgd", "TERM", False),
     ("CentralStorage", "sgd", "TERM", False),
+    ("CentralStorage", "adam", "RAISE", True),
 ])
 def test_mirrored_and_central_storage_resume_exactly(tmp_path, caplog, name, optimizer, how, truncate):
     """In this process: a fit stopped before batch 14 (an exception, or
