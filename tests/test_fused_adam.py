@@ -38,18 +38,20 @@ def train(fused, optimizer_fn, steps=60):
     ("schedule_decay_clip", lambda: keras.optimizers.Adam(
         keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.8), weight_decay=0.01,
         global_clipnorm=1.0, epsilon=1e-3)),
+    ("adamw", lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.05)),
 ])
 def test_fused_update_equals_keras(name, make):
     for got, want in zip(train(True, make), train(False, make)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_only_plain_adam_is_fused():
+def test_only_plain_adam_and_adamw_are_fused():
     from keras_strategies.backends.torch.fused_adam import supports
 
     assert supports(keras.optimizers.Adam())
+    assert supports(keras.optimizers.AdamW())  # Adam's update; Keras decays the weights before it
     assert not supports(keras.optimizers.Adam(amsgrad=True))
-    assert not supports(keras.optimizers.AdamW())
+    assert not supports(keras.optimizers.AdamW(amsgrad=True))
     assert not supports(keras.optimizers.SGD())
 
 

@@ -17,7 +17,8 @@ used only where the gradient all-reduce already changes that order
 (MultiWorkerMirrored, multi-device Mirrored); Default, OneDevice and
 one-device Mirrored keep Keras's own update, bit for bit.
 
-Only plain float32 Adam (no amsgrad) is replaced; every other optimizer, and
+Only plain float32 Adam and AdamW (no amsgrad) are replaced (AdamW's update step
+is Adam's: Keras applies its decoupled weight decay before it, in `apply()`); every other optimizer, and
 everything `Optimizer.apply` does around the update (learning rate schedules,
 weight decay, clipping, gradient accumulation, loss scaling, the iteration
 count), is Keras's own.
@@ -28,6 +29,7 @@ import math
 
 import torch
 from keras.src.backend.torch.optimizers.torch_adam import Adam as KerasTorchAdam
+from keras.src.backend.torch.optimizers.torch_adamw import AdamW as KerasTorchAdamW
 
 from keras_strategies.patches import overriding
 
@@ -35,7 +37,8 @@ from keras_strategies.patches import overriding
 def supports(optimizer):
     """Whether `optimizer` gets the fused update."""
     return (
-        type(optimizer) is KerasTorchAdam
+        # AdamW's update step is Adam's: Keras applies the decay before it, in apply()
+        type(optimizer) in (KerasTorchAdam, KerasTorchAdamW)
         and not optimizer.amsgrad
         and hasattr(torch, "_fused_adam_")
         and all(isinstance(b, float) for b in (optimizer.beta_1, optimizer.beta_2, optimizer.epsilon))
@@ -80,7 +83,7 @@ def fused_update_step(optimizer):
 
 
 def fused_adam(optimizer):
-    """While active, `optimizer` (if a plain Keras Adam) updates in one kernel
+    """While active, `optimizer` (if a plain Keras Adam or AdamW) updates in one kernel
     (the `torch-fused-adam` patch)."""
     if optimizer is None or not supports(optimizer):
         return contextlib.nullcontext()
