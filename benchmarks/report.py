@@ -30,7 +30,8 @@ def markdown(data):
         "",
         f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s). Global batch {cfg['global_batch']}, "
         f"{cfg['steps_per_epoch']} steps/epoch, {cfg['epochs']} epochs per run (first left out), "
-        f"{cfg['repeats']} A/B rounds, Adam, no metrics, no shuffling. Threads: {cfg['threads']}.",
+        f"{cfg['repeats']} A/B rounds, {cfg.get('optimizer', 'Adam')}, "
+        f"steps_per_execution {cfg.get('steps_per_execution', 1)}, no metrics, no shuffling. Threads: {cfg['threads']}.",
         "",
         "| backend | strategy | workload | replicas (procs) | method | role | samples/s median (min-max) "
         "| first step s | peak RSS MiB/proc |",

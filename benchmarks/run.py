@@ -32,7 +32,7 @@ WORKER = os.path.join(HERE, "worker.py")
 PS_WORKER = os.path.join(HERE, "ps_worker.py")
 sys.path.insert(0, HERE)
 
-from workloads import WORKLOADS  # noqa: E402
+from workloads import OPTIMIZERS, WORKLOADS, describe_optimizer  # noqa: E402
 
 # (backend, strategy) -> (in one process?, methods: A first, then B and lower bounds)
 CASES = {
@@ -171,7 +171,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
               "--replicas", str(replicas), "--workload", workload, "--epochs", str(args.epochs),
               "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(threads),
               "--steps-per-execution", str(1 if backend == "torch" else args.steps_per_execution),  # Keras refuses it on torch
-              "--out", out]
+              "--optimizer", args.optimizer, "--out", out]
     if servers:
         worker = [sys.executable, PS_WORKER, "--method", method, "--workload", workload, "--epochs",
                   str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--out", out]
@@ -369,6 +369,9 @@ def _parser():
     parser.add_argument("--steps-per-execution", type=int, default=1,
                         help="compile(steps_per_execution=N) for every Keras fit (native tf.distribute fails N > 1 "
                              "with several replicas: the run shows it)")
+    parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS),
+                        help="the Keras optimizer of every fit, and its torch.optim twin in the DDP loops "
+                             "(benchmarks/workloads.py OPTIMIZERS); parameter_server runs keep Adam")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per measurement")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "results.json"))
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -459,7 +462,8 @@ def main(argv=None):
         command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
         config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
-                    steps_per_epoch=args.steps, steps_per_execution=args.steps_per_execution, global_batch=args.batch, optimizer="Adam(1e-3)",
+                    steps_per_epoch=args.steps, steps_per_execution=args.steps_per_execution, global_batch=args.batch,
+                    optimizer=describe_optimizer(args.optimizer),
                     shuffle=False, metrics=None, threads=THREADS),
     )
     runs, shown_failing = [], set()

@@ -12,6 +12,8 @@ the first epoch of every run is left out. Methods:
     ks         model.fit(distribution=MultiWorkerMirrored()): the multi-process code
                path (DDP inside Keras's step, comm hook, global metrics) forced on
                with one process, so no second process or network is measured
+    ks_unfused the same without the fused Adam/AdamW update (`fused_adam.py`): what
+               it buys (ask for it with --methods)
     keras_fit  plain Keras fit, no distribution: Keras's own step
     keras_ddp  hand-written DDP loop over the same Keras model (Keras guide)
     torch_ddp  the same loop over the equivalent torch.nn model
@@ -43,6 +45,8 @@ parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the f
 parser.add_argument("--rounds", type=int, default=4)
 parser.add_argument("--methods", default="ks,keras_fit,keras_ddp,torch_ddp")
 parser.add_argument("--bypass-layer-call", action="store_true")
+parser.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "momentum", "sgd"],
+                    help="Keras's, and torch.optim's twin in the loops (workloads.py OPTIMIZERS)")
 parser.add_argument("--port", type=int, default=0, help="gloo port (0: a free one)")
 parser.add_argument("--out", default=None)
 args = parser.parse_args()
@@ -71,8 +75,8 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import keras_strategies as ks  # noqa: E402
-from keras_strategies.backends.torch import multi_worker  # noqa: E402
-from workloads import build_keras, build_torch, make_data, set_seed  # noqa: E402
+from keras_strategies.backends.torch import fused_adam, multi_worker  # noqa: E402
+from workloads import build_keras, build_torch, keras_optimizer, make_data, set_seed, torch_optimizer  # noqa: E402,E501
 
 # The multi-process path with one process (see the docstring).
 multi_worker.TorchMultiWorkerMirrored.multi_process = property(lambda self: True)
@@ -102,12 +106,15 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self.begin)
 
 
-def keras_fit(distributed, bypass):
+def keras_fit(distributed, bypass, unfused=False):
     functional.operation_fn = direct_operation_fn if bypass else keras_operation_fn
+    supports = fused_adam.supports
+    if unfused:
+        fused_adam.supports = lambda optimizer: False
     try:
         set_seed(0)
         model = build_keras(args.workload)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+        model.compile(optimizer=keras_optimizer(args.optimizer),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         timer = EpochTimer()
         extra = dict(distribution=strategy) if distributed else {}
@@ -116,6 +123,7 @@ def keras_fit(distributed, bypass):
         return timer.seconds[1:]
     finally:
         functional.operation_fn = keras_operation_fn
+        fused_adam.supports = supports
 
 
 def ddp_loop(torch_model):
@@ -130,7 +138,7 @@ def ddp_loop(torch_model):
     loader = DataLoader(TensorDataset(torch.from_numpy(xs), torch.from_numpy(y.astype("int64"))),
                         batch_size=args.batch)
     ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+    optimizer = torch_optimizer(args.optimizer, ddp.parameters())
     loss_fn = torch.nn.CrossEntropyLoss()
     seconds = []
     for _ in range(args.epochs):
@@ -148,6 +156,7 @@ def ddp_loop(torch_model):
 
 RUN = {
     "ks": lambda: keras_fit(True, False),
+    "ks_unfused": lambda: keras_fit(True, False, unfused=True),
     "keras_fit": lambda: keras_fit(False, False),
     "keras_ddp": lambda: ddp_loop(False),
     "torch_ddp": lambda: ddp_loop(True),
@@ -163,7 +172,7 @@ for round_ in range(args.rounds):
         seconds[method] += RUN[method]()
 ms = {m: dict(median=1e3 * statistics.median(s) / args.steps, min=1e3 * min(s) / args.steps)
       for m, s in seconds.items()}
-print(f"{args.workload}, batch {args.batch}, 1 thread, {args.rounds} rounds x {args.epochs - 1} epochs "
+print(f"{args.workload}, {args.optimizer}, batch {args.batch}, 1 thread, {args.rounds} rounds x {args.epochs - 1} epochs "
       f"x {args.steps} steps; throughput over torch_ddp = its ms/step over the method's")
 for method, value in ms.items():
     ratio = ms["torch_ddp"]["median"] / value["median"] if "torch_ddp" in ms else float("nan")

@@ -31,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from workloads import build_keras, build_torch, make_data, set_seed  # noqa: E402
+from workloads import OPTIMIZERS, build_keras, build_torch, keras_optimizer, make_data, set_seed, torch_optimizer  # noqa: E402,E501
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "keras_ddp", "torch_ddp", "keras_fit"])
@@ -44,13 +44,13 @@ parser.add_argument("--steps", type=int, default=20, help="steps per epoch")
 parser.add_argument("--batch", type=int, default=256, help="global batch")
 parser.add_argument("--threads", type=int, default=1, help="intra-op threads of this process")
 parser.add_argument("--steps-per-execution", type=int, default=1, help="compile(steps_per_execution=N)")
+parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 RANK = int(os.environ.get("RANK", "0"))
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
-LR = 1e-3
 
 
 def peak_rss_mib():
@@ -178,7 +178,7 @@ class Timer(keras.callbacks.Callback):
 
 def compile_model(model):
     model.compile(
-        optimizer=keras.optimizers.Adam(LR),
+        optimizer=keras_optimizer(args.optimizer),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=args.steps_per_execution,
     )
@@ -244,7 +244,7 @@ def run_torch_loop():
     loader = DataLoader(dataset, batch_size=args.batch // WORLD, sampler=sampler)
     start = time.perf_counter()
     ddp = DDP(model)
-    optimizer = torch.optim.Adam(ddp.parameters(), lr=LR)
+    optimizer = torch_optimizer(args.optimizer, ddp.parameters())
     loss_fn = torch.nn.CrossEntropyLoss()
     first = None
     epoch_times = []

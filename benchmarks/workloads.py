@@ -11,6 +11,36 @@ WORKLOADS = ("mlp", "cnn", "bn_convnet")
 
 INPUT_SHAPES = {"mlp": (784,), "cnn": (28, 28, 1), "bn_convnet": (28, 28, 1)}
 
+# The optimizers Keras users pick most, each with its torch.optim twin for the
+# hand-written DDP loops: name -> (class name, keyword arguments), the same
+# hyper-parameters on both sides.
+OPTIMIZERS = {
+    "adam": ("Adam", dict(learning_rate=1e-3)),
+    "sgd": ("SGD", dict(learning_rate=1e-2)),
+    "momentum": ("SGD", dict(learning_rate=1e-2, momentum=0.9)),
+    "adamw": ("AdamW", dict(learning_rate=1e-3, weight_decay=0.004)),
+}
+
+
+def describe_optimizer(name):
+    cls, kwargs = OPTIMIZERS[name]
+    return f"{cls}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
+def keras_optimizer(name):
+    import keras
+
+    cls, kwargs = OPTIMIZERS[name]
+    return getattr(keras.optimizers, cls)(**kwargs)
+
+
+def torch_optimizer(name, parameters):
+    import torch
+
+    cls, kwargs = OPTIMIZERS[name]
+    kwargs = dict(kwargs)
+    return getattr(torch.optim, cls)(parameters, lr=kwargs.pop("learning_rate"), **kwargs)
+
 
 def make_data(workload, num_samples, seed=0):
     """Generated inputs (float32) and integer labels 0..9, the same on every call."""

@@ -27,7 +27,7 @@ def test_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--backends", BACKEND,
          "--strategies", STRATEGY, "--methods", METHODS, "--workloads", "mlp", "--replicas", "2", "--repeats", "1",
-         "--epochs", "2", "--steps", "3", "--batch", "64", "--timeout", "150",
+         "--epochs", "2", "--steps", "3", "--batch", "64", "--timeout", "150", "--optimizer", "momentum",
          "--out", str(out), "--no-plot"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )
@@ -42,6 +42,7 @@ def test_benchmark_smoke(tmp_path):
         assert all(rss > 0 for rss in r["peak_rss_mib"])
     assert any("throughput_ratio" in c for c in data["comparisons"])
     assert (tmp_path / "results.md").exists()
+    assert data["meta"]["config"]["optimizer"] == "SGD(learning_rate=0.01, momentum=0.9)"
 
 
 def test_step_cost_smoke(tmp_path):
