@@ -129,7 +129,8 @@ PATCHES = (
           "steps_per_execution > 1 under MirroredStrategy fails (a strategy.run inside a cond in Keras's "
           "loop: 'You must feed a value for placeholder tensor'); one loop without it."),
     Patch("tf-share-weighted-step", ("Model.train_step",), "", "model", _TF,
-          "Each replica's loss is weighted by its share of the global batch (see tf-loss-share)."),
+          "Each replica's loss is weighted by its share of the global batch (see tf-loss-share); with Keras's "
+          "own train_step the count rides along with the gradient all-reduce (tf-replica-local-optimizer)."),
     Patch("tf-synchronized-batchnorm", ("BatchNormalization.synchronized",), "", "model", _TF,
           "MirroredStrategy replicas' BatchNormalization statistics drift apart; use the global batch."),
     Patch("tf-strategy-attributes",

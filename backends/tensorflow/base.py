@@ -174,7 +174,8 @@ def global_batch_training(model, num_replicas, owner):
         for layer in norms:
             stack.enter_context(overriding(layer, "synchronized", True, "tf-synchronized-batchnorm"))
         stack.enter_context(overriding(
-            model, "train_step", share_weighted_train_step(model.train_step), "tf-share-weighted-step"))
+            model, "train_step", share_weighted_train_step(model.train_step, _folds_count(model)),
+            "tf-share-weighted-step"))
         stack.enter_context(replica_local_optimizer(getattr(model, "optimizer", None)))
         if model.steps_per_execution > 1:
             for kind in ("train", "test"):
@@ -185,6 +186,17 @@ def global_batch_training(model, num_replicas, owner):
             yield
         finally:
             stash_compiled_functions(model, owner, values=True)
+
+
+def _folds_count(model):
+    """Whether the example counts can ride along with the gradient all-reduce:
+    Keras's own train_step (every loss it differentiates is scaled) and no
+    loss scale optimizer (see `share_weighted_train_step`)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+    from keras.src.optimizers import LossScaleOptimizer
+
+    return (type(model).train_step is TensorFlowTrainer.train_step
+            and not isinstance(getattr(model, "optimizer", None), LossScaleOptimizer))
 
 
 def _multi_step_maker(model, kind):

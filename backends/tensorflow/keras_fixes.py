@@ -19,21 +19,38 @@ _replica_state = threading.local()  # MirroredStrategy runs replicas in threads
 
 def share_scaled_loss(original):
     """`scale_loss_for_distribution` / `unscale_...`: by this replica's share
-    of the global batch (set by `share_weighted_train_step`), not 1/replicas."""
+    of the global batch (set by `share_weighted_train_step`), not 1/replicas;
+    or by its example count, when the gradient all-reduce divides by the
+    summed counts afterwards (see `share_weighted_train_step`)."""
     unscale = original.__name__.startswith("unscale")
 
     def scaled(value):
         share = getattr(_replica_state, "share", None)
         if share is None:
-            return original(value)
+            share = getattr(_replica_state, "count", None)
+            if share is None:
+                return original(value)
+            if not unscale:
+                _replica_state.count_weighted = True  # the gradients need dividing by the summed counts
         share = tf.cast(share, value.dtype)
         return tf.math.divide_no_nan(value, share) if unscale else value * share
 
     return scaled
 
 
-def share_weighted_train_step(train_step):
-    """`train_step` with each replica's share of the global batch recorded."""
+def share_weighted_train_step(train_step, fold_count=False):
+    """`train_step` with each replica's share of the global batch recorded.
+
+    Args:
+        train_step: the model's train_step.
+        fold_count: weight each replica's loss by its example count, and let
+            the gradient all-reduce of `replica_local_optimizer` carry the
+            count and divide by the sum (one collective a step). Else (a
+            custom train_step, whose losses may not all be scaled; a loss
+            scale optimizer, whose float16 backward would see values the
+            global batch size times larger) the counts get a collective of
+            their own before the step and the loss is weighted by the share.
+    """
 
     def step(data):
         context = tf.distribute.get_replica_context()
@@ -41,12 +58,15 @@ def share_weighted_train_step(train_step):
             return train_step(data)
         x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
         local = tf.cast(tf.shape(tree.flatten(x)[0])[0], tf.float32)
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
-        _replica_state.share = local / total
+        if fold_count:
+            _replica_state.count = local
+        else:
+            _replica_state.share = local / context.all_reduce(tf.distribute.ReduceOp.SUM, local)
         try:
             return train_step(data)
         finally:
-            _replica_state.share = None
+            _replica_state.share = _replica_state.count = None
+            _replica_state.count_weighted = False
 
     return step
 
@@ -172,6 +192,30 @@ def _local_assigns(optimizer):
     return functions
 
 
+def _summed_gradients(context, grads):
+    """Every replica's gradients summed, in one all-reduce. When the loss was
+    weighted by the example count (`share_weighted_train_step(fold_count=True)`),
+    the count rides along and the sums are divided by the summed count: the
+    global batch's gradient, exact for an uneven last batch."""
+    present = [g for g in grads if g is not None]
+    count = getattr(_replica_state, "count", None)
+    if count is not None:
+        *present, total = context.all_reduce(tf.distribute.ReduceOp.SUM, present + [count])
+        if getattr(_replica_state, "count_weighted", False):
+            present = [_divided(g, total) for g in present]
+    elif present:
+        present = context.all_reduce(tf.distribute.ReduceOp.SUM, present)
+    reduced = iter(present)
+    return [None if g is None else next(reduced) for g in grads]
+
+
+def _divided(gradient, total):
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(gradient.values / tf.cast(total, gradient.values.dtype), gradient.indices,
+                                gradient.dense_shape)
+    return gradient / tf.cast(total, gradient.dtype)
+
+
 @contextlib.contextmanager
 def replica_local_optimizer(optimizer):
     """While entered, `optimizer` applies updates as one device would, on each
@@ -200,9 +244,7 @@ def replica_local_optimizer(optimizer):
         if context is None or getattr(_local, "active", False):
             return original_apply(grads, trainable_variables)
         if context.num_replicas_in_sync > 1:  # one replica (a ParameterServer worker): nothing to sum
-            present = [g for g in grads if g is not None]
-            reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present) if present else [])
-            grads = [None if g is None else next(reduced) for g in grads]
+            grads = _summed_gradients(context, grads)
         with replica_local_updates():
             return original_apply(grads, trainable_variables)
 
