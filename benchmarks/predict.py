@@ -49,7 +49,12 @@ def run_job(backend, processes, rows, calls, directory):
     with open(script, "w") as f:
         f.write(JOB)
     out = os.path.join(directory, f"{backend}-{processes}.json")
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONUNBUFFERED": "1"}
+    # one compute thread per process, whatever the number of processes: each
+    # worker stands for one machine of fixed size (left to the launcher, one
+    # process would get every core and two would share them: no speed-up to see)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
     subprocess.run([sys.executable, "-m", "keras_strategies.launch", "--nproc-per-node", str(processes),
                     script, str(rows), str(calls), out], env=env, check=True, timeout=900,
                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

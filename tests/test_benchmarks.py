@@ -59,3 +59,33 @@ def test_step_cost_smoke(tmp_path):
     ms = json.loads(out.read_text())["ms_per_step"]
     assert set(ms) == {"ks", "keras_fit", "keras_ddp", "torch_ddp", "ks_no_layer_call", "keras_fit_no_layer_call"}
     assert all(v["median"] > 0 for v in ms.values())
+
+
+def test_predict_or_refit_smoke(tmp_path):
+    """One process start per backend: benchmarks/refit.py on TensorFlow and JAX
+    (the Mirrored over CPU replicas it times has no torch case), whose job
+    branches per backend, reports positive times for every method;
+    benchmarks/predict.py, whose job is the same on every backend, runs on
+    torch: 1 and 2 workers give the same predictions."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if BACKEND == "torch":
+        out = tmp_path / "predict.json"
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "predict.py"), "--backends", BACKEND, "--rows", "4096",
+             "--calls", "1", "--rounds", "1", "--out", str(out)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        result = json.loads(out.read_text())["results"][BACKEND]
+        assert result["rows_per_s_1"] > 0 and result["rows_per_s_2"] > 0 and result["same_predictions"], result
+        return
+    out = tmp_path / "refit.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "refit.py"), "--backends", BACKEND, "--fits", "2",
+         "--rounds", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    methods = json.loads(out.read_text())["results"][BACKEND]
+    assert set(methods) == {"ks_fit", "ks_scope", "native"}
+    assert all(m["first_s"] > 0 and m["later_s"] > 0 for m in methods.values()), methods
