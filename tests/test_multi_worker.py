@@ -259,7 +259,7 @@ def torchrun_envs(timeout):
 
 @pytest.mark.parametrize("fault", ["--die-at-step", "--hang-at-step"])
 def test_a_dead_or_hung_peer_ends_the_job_with_a_clear_error(tmp_path, fault):
-    timeout = 20
+    timeout = 12
     start = time.monotonic()
     processes, log = [], open(os.path.join(tmp_path, "output0.log"), "w")
     try:

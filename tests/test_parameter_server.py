@@ -36,7 +36,7 @@ class Cluster:
 
     def env(self, task, index):
         config = {"cluster": self.spec, "task": {"type": task, "index": index}}
-        return base_env(TF_CONFIG=json.dumps(config), KERAS_STRATEGIES_TIMEOUT=str(TIMEOUT), **self.extra)
+        return base_env(**{"TF_CONFIG": json.dumps(config), "KERAS_STRATEGIES_TIMEOUT": str(TIMEOUT), **self.extra})
 
     def start(self, task, index, name=None):
         name = name or f"{task}{index}"
@@ -224,14 +224,16 @@ def test_a_lost_parameter_server_ends_every_process_and_the_rerun_resumes_from_t
 
 
 def test_a_dead_chief_ends_the_workers_and_servers(tmp_path):
-    with Cluster(tmp_path, 1, 1, "--mark", "0:5", "--epochs", "30") as cluster:
+    timeout = 15  # the processes' KERAS_STRATEGIES_TIMEOUT (TensorFlow's workers wait that long)
+    with Cluster(tmp_path, 1, 1, "--mark", "0:5", "--epochs", "30",
+                 env={"KERAS_STRATEGIES_TIMEOUT": str(timeout)}) as cluster:
         cluster.start_all()
         cluster.wait_for_mark()
         killed = time.monotonic()
         cluster.kill("chief0")
-        codes = cluster.wait(timeout=TIMEOUT + 90)
+        codes = cluster.wait(timeout=timeout + 90)
         assert codes["worker0"] not in (None, 0) and codes["ps0"] not in (None, 0), codes
-        assert max(cluster.exited.values()) - killed < TIMEOUT + 30
+        assert max(cluster.exited.values()) - killed < timeout + 30
         for name in ("worker0", "ps0"):
             assert "WorkerError" in cluster.output(name) and "chief is gone" in cluster.output(name)
 
