@@ -127,12 +127,15 @@ ref_evaluation_before = reference.evaluate(x, y, batch_size=16, verbose=0)
 ref_history = reference.fit(
     x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[StopBelow()])
 
-# predict's work is split: each worker computes its half of 64 rows
+# predict's work is split: each worker computes its contiguous half of 64 rows
+# (row k has k as its first feature), not a slice of every batch
+indexed = x[:64].copy()
+indexed[:, 0] = np.arange(64)
 counter = keras.Sequential([keras.Input((x.shape[1],)), RowCounter(), keras.layers.Dense(2)])
-counted = counter.predict(x[:64], batch_size=16, verbose=0, distribution=strategy)
-assert np.allclose(counted, counter.predict(x[:64], batch_size=16, verbose=0), atol=1e-6)
+counted = counter.predict(indexed, batch_size=16, verbose=0, distribution=strategy)
+assert np.allclose(counted, counter.predict(indexed, batch_size=16, verbose=0), atol=1e-6)
 counter.layers[0].rows.clear()
-counter.predict(x[:64], batch_size=16, verbose=0, distribution=strategy)
+counter.predict(indexed, batch_size=16, verbose=0, distribution=strategy)
 
 np.savez(os.path.join(args.out, f"weights{rank}.npz"), *model.get_weights())
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
@@ -151,7 +154,7 @@ with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             ),
             "max_predict_diff": float(np.abs(predictions - reference.predict(x, verbose=0)).max()),
             "predictions": len(predictions),
-            "predicted_rows": sum(counter.layers[0].rows),
+            "predicted_rows": sorted(counter.layers[0].rows),
             "pid": os.getpid(),
             "listening": listening_sockets(),
             "max_predict_before_diff": (float(np.abs(before - ref_before).max())

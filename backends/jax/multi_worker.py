@@ -23,7 +23,7 @@ from keras_strategies.backends.jax.base import JaxImplementation
 from keras_strategies.backends.jax.keras_fixes import input_mode
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation import data as data_lib
-from keras_strategies.implementation.model_state import state_variables
+from keras_strategies.implementation.model_state import cached_predict_function, state_variables
 from keras_strategies import patches
 from keras_strategies.patches import overriding
 from keras_strategies.implementation.multi_process import (
@@ -117,15 +117,16 @@ _COMBINE = {}  # (how, devices) -> the compiled combination
 
 def over_processes(flat, how):
     """Every process's `flat` combined over the processes, on every process:
-    `"first"` gives process 0's, `"max"` the elementwise largest. Any number
-    of devices per process (each device's row holds its process's values).
+    `"first"` gives process 0's, `"max"` the elementwise largest, `"all"`
+    every process's (stacked in process order). Any number of devices per
+    process (each device's row holds its process's values).
 
     Args:
         flat: a 1-D numpy array, the same shape and dtype on every process.
-        how: `"first"` or `"max"`.
+        how: `"first"`, `"max"` or `"all"`.
 
     Returns:
-        A numpy array shaped like `flat`.
+        A numpy array shaped like `flat` (`"all"`: one row per process).
     """
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("processes",))
@@ -134,8 +135,10 @@ def over_processes(flat, how):
                                            lambda index: rows[index])
     key = (how, tuple(devices))
     if key not in _COMBINE:
-        first = next(i for i, device in enumerate(devices) if device.process_index == 0)
-        combine = (lambda a: a[first]) if how == "first" else (lambda a: a.max(axis=0))
+        firsts = np.array([next(i for i, device in enumerate(devices) if device.process_index == process)
+                           for process in range(jax.process_count())])
+        combine = {"first": lambda a: a[firsts[0]], "max": lambda a: a.max(axis=0),
+                   "all": lambda a: a[firsts]}[how]
         _COMBINE[key] = jax.jit(combine, out_shardings=NamedSharding(mesh, PartitionSpec()))
     return np.asarray(_COMBINE[key](stacked).addressable_data(0))
 
@@ -160,6 +163,7 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
     """A `DataParallel` mesh over every device of every process."""
 
     keras_patches = JaxImplementation.keras_patches + ("jax-callbacks-local", "jax-uneven-device-put")
+    splits_predict = True
     lost_contact_markers = ("Gloo", "gloo", "Connection", "DEADLINE", "heartbeat", "UNAVAILABLE")
 
     def __init__(self, strategy, devices, cluster, timeout):
@@ -208,6 +212,33 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
         if jax.process_count() == 1:
             return bool(flag)
         return bool(over_processes(np.array([int(bool(flag))], np.int32), "max")[0])
+
+    def all_gather(self, array):
+        return list(over_processes(array.ravel(), "all").reshape(-1, *array.shape))
+
+    @contextlib.contextmanager
+    def local_predict_context(self, model):
+        """This process's part of a split `predict` on its own devices (a
+        `DataParallel` over them): rank 0's weights, copied off the global
+        mesh for the call. Keras's predict over the global mesh would gather
+        every batch's outputs across the processes."""
+        self._lay_out_synced(model)
+        local = keras.distribution.DataParallel(devices=self.default_devices(), auto_shard_dataset=False)
+        variables = [v for v in state_variables(model) if v._value is not None]
+        kept = [(v._layout, v._value) for v in variables]
+        try:
+            for variable in variables:
+                variable._layout = None  # else Keras answers with the layout a variable has
+                variable._layout = local.get_variable_layout(variable)
+                # a copy of its own (device_put may alias the shard on its device): Keras's
+                # predict step donates it, and the mesh's array is put back after
+                copy = jax.numpy.array(variable._value.addressable_data(0), copy=True)
+                variable._value = jax.device_put(copy, variable._layout.backend_layout)
+            with local.scope(), cached_predict_function(model, self):
+                yield
+        finally:
+            for variable, (layout, value) in zip(variables, kept):
+                variable._layout, variable._value = layout, value
 
     def _lay_out_synced(self, model):
         """`lay_out` with rank 0's values everywhere (models built with

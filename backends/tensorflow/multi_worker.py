@@ -8,6 +8,8 @@ coordinator address that tells every worker the others' addresses. Keras
 are applied while it runs.
 """
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -15,6 +17,7 @@ from keras_strategies.backends.tensorflow.base import TFImplementation, gpu_coun
 from keras_strategies.cluster.rendezvous import exchange_addresses
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation import data as data_lib
+from keras_strategies.implementation.model_state import cached_predict_function
 from keras_strategies.implementation.multi_process import MultiProcessImplementation, own_coordinator
 from keras_strategies.launch.ports import free_port
 
@@ -104,6 +107,34 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
     def prepare_call(self, model, method, arguments):
         return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())
 
+    @property
+    def splits_predict(self):
+        # in a strategy's scope the default strategy cannot run: Keras's own
+        # distributed predict then (every batch gathered)
+        return not tf.distribute.has_strategy()
+
+    def local_predict_context(self, model):
+        """This worker's part of a split `predict` under TensorFlow's default
+        strategy: Keras's predict under MultiWorkerMirroredStrategy gathers
+        every batch across the workers, and its dataset sharding makes every
+        worker read the whole input."""
+        return default_strategy_predict(model, self)
+
+    def all_gather(self, array):
+        key = ("gather", str(array.dtype))
+        if key not in self._collectives:
+            strategy = self.native
+            local = len(strategy.extended.worker_devices)
+
+            @tf.function(reduce_retracing=True)
+            def gather(value):
+                # worker-major order; each worker's first local replica's copy
+                every = strategy.gather(strategy.run(lambda: tf.identity(value)), axis=0)
+                return tf.reshape(every, tf.concat([[-1, local], tf.shape(value)], 0))[:, 0]
+
+            self._collectives[key] = gather
+        return list(self._collectives[key](tf.constant(array)).numpy())
+
     def check_local_devices(self):
         """Every worker's local devices, compared before any collective
         (through TensorFlow's coordination service): `StrategyError` on every
@@ -118,6 +149,21 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
                  for rank in range(cluster.world_size)]
         if len(set(every)) > 1:
             raise uneven_devices_error(self.name, every)
+
+
+@contextlib.contextmanager
+def default_strategy_predict(model, owner):
+    """Keras's `predict` run by TensorFlow's default strategy, reading the
+    model's (distributed) variables; its predict function is kept for the
+    next split predict of `owner`."""
+    default = tf.distribute.get_strategy()
+    saved = model._distribute_strategy
+    model._distribute_strategy = default
+    try:
+        with cached_predict_function(model, owner, values=True):
+            yield
+    finally:
+        model._distribute_strategy = saved
 
 
 def uneven_devices_error(name, every):

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -62,30 +63,11 @@ def process_group_backend(environ=None):
     return chosen or ("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def gather_parts(outputs, examples, world):
-    """Every worker's `predict` outputs for its contiguous part of `examples`,
-    concatenated in input order on every worker (one all-gather per output)."""
-    import keras
-    import numpy as np
-
-    bounds = [data_lib.chunk_bounds(examples, r, world) for r in range(world)]
-    longest = max(hi - lo for lo, hi in bounds)
-
-    def gather(part):
-        part = np.asarray(part)
-        padded = torch.zeros((longest, *part.shape[1:]), dtype=torch.from_numpy(part[:0]).dtype)
-        padded[:len(part)] = torch.from_numpy(np.ascontiguousarray(part))
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded)
-        return np.concatenate([g[:hi - lo].numpy() for g, (lo, hi) in zip(gathered, bounds)])
-
-    return keras.tree.map_structure(gather, outputs)
-
-
 class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
     """One replica per process; gradients all-reduced by DDP each step."""
 
     keras_patches = ("torch-copy-free-layouts",)
+    splits_predict = True
     lost_contact_markers = ("Connection closed", "Connection reset", "Timed out", "timed out",
                             "Gloo", "gloo", "NCCL", "peer", "Broken pipe")
 
@@ -161,17 +143,14 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
 
     def prepare_call(self, model, method, arguments):
         rank, world = self.cluster.rank, self.cluster.world_size
-        self._predicted = None
-        if method == "predict":
-            # every worker predicts its part; the parts are gathered after
-            self._predicted = data_lib.shard_predict(arguments, rank, world)
-            return arguments
         return data_lib.shard_call(method, arguments, rank, world, self.strategy, seed=data_lib.shuffle_seed())
 
-    def finish_call(self, model, method, result):
-        if self._predicted is None:
-            return result
-        return gather_parts(result, self._predicted, self.cluster.world_size)
+    def all_gather(self, array):
+        on = self.native if self.native.type == "cuda" else torch.device("cpu")  # nccl gathers CUDA tensors
+        local = torch.from_numpy(np.ascontiguousarray(array)).to(on)
+        every = [torch.empty_like(local) for _ in range(self.cluster.world_size)]
+        dist.all_gather(every, local)
+        return [piece.cpu().numpy() for piece in every]
 
     @contextlib.contextmanager
     def run_context(self, model):

@@ -111,9 +111,10 @@ class Implementation(abc.ABC):
         """Entered around each fit/evaluate/predict of the model."""
         return self.scope()
 
-    def finish_call(self, model, method, result):
-        """Rewrites what Keras's method returned (still inside the run)."""
-        return result
+    def call_context(self, model, method):
+        """The context one call runs in: `run_context` unless a subclass
+        runs some calls differently (a split `predict`)."""
+        return self.run_context(model)
 
     # -- collectives across the job's processes (one process: nothing to do)
     def broadcast_bytes(self, data):
@@ -159,8 +160,8 @@ class Implementation(abc.ABC):
             if not attached:
                 self.attach(model)
             try:
-                with self.run_context(model):
-                    result = self.finish_call(model, method, original(*arguments.args, **arguments.kwargs))
+                with self.call_context(model, method):
+                    result = original(*arguments.args, **arguments.kwargs)
             except BaseException:
                 if not attached:
                     with contextlib.suppress(Exception):  # the first error is the one to see

@@ -1,5 +1,7 @@
 """A model's training state and the step functions compiled for it."""
 
+import contextlib
+
 
 def state_variables(model):
     """Every variable a training step touches: model, optimizer and metrics.
@@ -60,12 +62,6 @@ def stash_compiled_functions(model, owner, values=False):
     reset_compiled_functions(model)
 
 
-def drop_compiled_functions(model):
-    """Forgets stashed step functions (and what they hold on to)."""
-    model.__dict__.pop(_STASH, None)
-    reset_compiled_functions(model)
-
-
 def restore_compiled_functions(model, owner, values=False):
     """The step functions `owner` compiled for this model in an earlier
     fit/evaluate/predict, so that calling them again does not compile again;
@@ -88,3 +84,32 @@ def restore_compiled_functions(model, owner, values=False):
             return True
     reset_compiled_functions(model)
     return False
+
+
+_PREDICT = "_ks_predict_functions"
+
+
+@contextlib.contextmanager
+def cached_predict_function(model, key, values=False):
+    """Around a `predict` that compiles its own predict function (a split
+    predict on one worker's devices): the one compiled for `key` in an
+    earlier call is used again while the model's compiled state is the same,
+    and the model's own predict function is put back after.
+
+    Args:
+        model: the Keras model.
+        key: what the function was compiled for (an implementation).
+        values: as for `stash_compiled_functions`.
+    """
+    cache = model.__dict__.setdefault(_PREDICT, {})
+    saved = model.predict_function
+    kept = cache.pop(id(key), None)
+    now = _compiled_with(model, values)
+    same = (kept is not None and kept[0] is key and len(kept[1]) == len(now)
+            and all(a is b for a, b in zip(kept[1], now)))
+    model.predict_function = kept[2] if same else None
+    try:
+        yield
+    finally:
+        cache[id(key)] = (key, _compiled_with(model, values), model.predict_function)
+        model.predict_function = saved

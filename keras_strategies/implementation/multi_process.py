@@ -17,6 +17,7 @@ import tempfile
 from keras_strategies.cluster import resolve_cluster
 from keras_strategies.cluster.spec import is_loopback
 from keras_strategies.errors import StrategyError, WorkerError
+from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.chief_only import for_this_worker
 from keras_strategies.implementation.watchdog import Heartbeat, Watchdog
@@ -76,6 +77,36 @@ def join_error(strategy_name, backend, cluster, timeout, error):
     )
 
 
+def gather_parts(outputs, examples, world, all_gather):
+    """Every worker's `predict` outputs for its contiguous part of `examples`
+    (`data.chunk_bounds`), concatenated in input order on every worker.
+
+    Args:
+        outputs: this worker's outputs (a structure of numpy arrays).
+        examples: the number of examples of the whole input.
+        world: the number of workers.
+        all_gather: the backend's gather of one numpy array of one shape on
+            every worker (each part is padded to the longest).
+
+    Returns:
+        The outputs' structure, each array over all `examples`.
+    """
+    import keras
+    import numpy as np
+
+    bounds = [data_lib.chunk_bounds(examples, rank, world) for rank in range(world)]
+    longest = max(hi - lo for lo, hi in bounds)
+
+    def gather(part):
+        part = np.asarray(part)
+        padded = np.zeros((longest, *part.shape[1:]), part.dtype)
+        padded[:len(part)] = part
+        every = all_gather(padded)
+        return np.concatenate([piece[:hi - lo] for piece, (lo, hi) in zip(every, bounds)])
+
+    return keras.tree.map_structure(gather, outputs)
+
+
 def processes_for_devices(devices, strategy_name, backend):
     """The cluster of a strategy that runs one process per local device.
 
@@ -122,11 +153,13 @@ class MultiProcessImplementation(Implementation):
 
     lost_contact_errors = ()
     lost_contact_markers = ()
+    splits_predict = False  # predict on arrays: each worker its part, one gather (see `run`)
 
     def __init__(self, strategy, devices, cluster, timeout):
         self.cluster = cluster
         self.timeout = timeout
         self._scratch = None
+        self._predict_part = None  # the number of examples while a split predict runs
         super().__init__(strategy, devices)
 
     @property
@@ -152,13 +185,48 @@ class MultiProcessImplementation(Implementation):
 
     def run(self, model, method, original, arguments, attached):
         if not self.multi_process:
-            return super().run(model, method, original, arguments, attached)
+            return self._one_call(model, method, original, arguments, attached)
         for_this_worker(arguments, self.is_chief, self._scratch_dir, [Heartbeat()])
         try:
             with Watchdog(self), self.peer_failures():
-                return super().run(model, method, original, arguments, attached)
+                return self._one_call(model, method, original, arguments, attached)
         finally:
             self._cleanup_scratch()
+
+    def _one_call(self, model, method, original, arguments, attached):
+        """`Implementation.run`, but a `predict` on array input is split:
+        each worker predicts its contiguous part on its own devices
+        (`local_predict_context`, no collective per batch), then one
+        all-gather per output puts every prediction, in input order, on
+        every worker."""
+        examples = None
+        if method == "predict" and self.splits_predict:
+            examples = data_lib.shard_predict(arguments, self.worker_index, self.num_workers)
+        if examples is None:
+            return super().run(model, method, original, arguments, attached)
+        self._predict_part = examples
+        try:
+            part = super().run(model, method, original, arguments, attached)
+        finally:
+            self._predict_part = None
+        if not self.multi_process:
+            return part
+        return gather_parts(part, examples, self.num_workers, self.all_gather)
+
+    def call_context(self, model, method):
+        if self._predict_part is not None:
+            return self.local_predict_context(model)
+        return super().call_context(model, method)
+
+    def local_predict_context(self, model):
+        """Entered instead of `run_context` around a split `predict`: this
+        process's part runs on its own devices, without collectives."""
+        return self.run_context(model)
+
+    def all_gather(self, array):
+        """Every worker's `array` (a numpy array, one shape and dtype on
+        every worker), as a list in worker order, on every worker."""
+        raise NotImplementedError(f"{type(self).__name__} splits predict but gathers nothing")
 
     @contextlib.contextmanager
     def peer_failures(self):
