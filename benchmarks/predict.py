@@ -6,7 +6,8 @@
 Each worker predicts its share of the rows (the split `predict` does under
 MultiWorkerMirrored), then every worker holds all predictions in input order.
 For each backend the jobs alternate, 1 process then 2, `--rounds` times, each
-through `keras-strategies launch` with one intra-op thread per process; the
+through `keras-strategies launch` with one intra-op thread and one core
+(rank k on core k) per process; the
 time is the median of `--calls` predict calls after a first one (tracing,
 compiling) in each job. Prints rows per second and the 2-worker speed-up
 (the physical limit is 2.0 on 2 idle cores); `--out` writes them as JSON.
@@ -23,6 +24,10 @@ import time
 
 JOB = r"""
 import json, os, statistics, sys, time
+# each worker on a core of its own, as on a machine of its own (the thread
+# settings alone leave JAX's runtime using every core)
+cores = sorted(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", "0")) % len(cores)]})
 import keras_strategies as ks
 strategy = ks.MultiWorkerMirrored()
 import keras, numpy as np
@@ -49,9 +54,10 @@ def run_job(backend, processes, rows, calls, directory):
     with open(script, "w") as f:
         f.write(JOB)
     out = os.path.join(directory, f"{backend}-{processes}.json")
-    # one compute thread per process, whatever the number of processes: each
-    # worker stands for one machine of fixed size (left to the launcher, one
-    # process would get every core and two would share them: no speed-up to see)
+    # one compute thread and one core per process, whatever the number of
+    # processes: each worker stands for one machine of fixed size (left to the
+    # launcher, one process would get every core and two would share them: no
+    # speed-up to see)
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
