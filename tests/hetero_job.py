@@ -8,7 +8,8 @@ example moves only its own weight, by 2 * lr / batch when it is seen exactly
 once), then under MultiWorkerMirrored with a global batch that does not
 divide over the job's replicas (a StrategyError is expected), then with one
 that does, next to a one-device reference on the same global batches; then
-evaluates and predicts, and evaluates a model built in the strategy's scope. It writes what it
+evaluates and predicts, evaluates a model built in the strategy's scope, and predicts then trains one
+built by that predict (in the scope). It writes what it
 saw to OUT_DIR/rank<K>.json and its weights to OUT_DIR/weights<K>.npz.
 
 Environment (set per launcher by the test):
@@ -80,6 +81,32 @@ with strategy.scope():  # variables created in the scope, on every replica
     scoped = build("functional", weights)
 scoped_evaluation = scoped.evaluate(x, y, batch_size=24, verbose=0)
 
+# a model built by its first call, a split predict, then trained: its variables must be
+# the strategy's (distributed over every process's devices), not this process's alone
+with strategy.scope():
+    late = keras.Sequential([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)])
+    late.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+late_predictions = late.predict(x, batch_size=24, verbose=0)
+late_start = [w.copy() for w in late.get_weights()]
+late.fit(x, keras.utils.to_categorical(y, 3), batch_size=24, epochs=1, shuffle=False, verbose=0)
+late_reference = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Dense(4, activation="relu"),
+                                   keras.layers.Dense(3)])
+late_reference.set_weights(late_start)
+late_reference.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+late_predict_diff = float(np.abs(late_predictions - late_reference.predict(x, verbose=0)).max())
+late_reference.fit(x, keras.utils.to_categorical(y, 3), batch_size=24, epochs=1, shuffle=False, verbose=0)
+kernel = late.weights[0].value
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+    late_distributed = isinstance(kernel, tf.distribute.DistributedValues)
+elif keras.backend.backend() == "jax":
+    import jax
+
+    late_distributed = len(kernel.sharding.device_set) == len(jax.devices())
+else:
+    late_distributed = True  # one process, one device: nothing to lay out
+
 np.savez(os.path.join(out, f"weights{rank}.npz"), *model.get_weights())
 result.update(
     history=history.history,
@@ -91,6 +118,10 @@ result.update(
     max_predict_diff=float(np.abs(predictions - reference.predict(x, batch_size=24, verbose=0)).max()),
     scoped_evaluate=scoped_evaluation,
     ref_scoped_evaluate=build("functional", weights).evaluate(x, y, batch_size=24, verbose=0),
+    late_distributed=late_distributed,
+    late_predict_diff=late_predict_diff,
+    late_weight_diff=max(float(np.abs(a - b).max()) for a, b in zip(late.get_weights(),
+                                                                    late_reference.get_weights())),
 )
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)

@@ -95,6 +95,9 @@ def test_machines_of_different_sizes_train_as_one_device(tmp_path):
         np.testing.assert_allclose(result["evaluate"], result["ref_evaluate"], atol=1e-5)
         assert result["max_predict_diff"] < 1e-5
         np.testing.assert_allclose(result["scoped_evaluate"], result["ref_scoped_evaluate"], atol=1e-5)
+        # built by a split predict in the scope, then trained: the strategy's variables
+        assert result["late_distributed"] and result["late_predict_diff"] < 1e-5, result
+        assert result["late_weight_diff"] < 1e-5
         assert result["max_weight_diff"] < 1e-5  # one device on the same global batches
         for key, values in result["ref_history"].items():
             np.testing.assert_allclose(result["history"][key], values, atol=1e-5)

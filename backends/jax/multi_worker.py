@@ -213,6 +213,11 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
             return bool(flag)
         return bool(over_processes(np.array([int(bool(flag))], np.int32), "max")[0])
 
+    def splits_predict_for(self, model):
+        # a model not yet built: Keras's own predict over the mesh (the split
+        # would create its variables with this process's layout)
+        return model.built
+
     def all_gather(self, array):
         return list(over_processes(array.ravel(), "all").reshape(-1, *array.shape))
 

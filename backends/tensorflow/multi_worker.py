@@ -107,11 +107,13 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
     def prepare_call(self, model, method, arguments):
         return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())
 
-    @property
-    def splits_predict(self):
-        # in a strategy's scope the default strategy cannot run: Keras's own
-        # distributed predict then (every batch gathered)
-        return not tf.distribute.has_strategy()
+    splits_predict = True
+
+    def splits_predict_for(self, model):
+        # Keras's own distributed predict (every batch gathered) in a strategy's
+        # scope, where the default strategy cannot run, and for a model not yet
+        # built, whose variables would be created outside the strategy
+        return model.built and not tf.distribute.has_strategy()
 
     def local_predict_context(self, model):
         """This worker's part of a split `predict` under TensorFlow's default

@@ -200,7 +200,7 @@ class MultiProcessImplementation(Implementation):
         all-gather per output puts every prediction, in input order, on
         every worker."""
         examples = None
-        if method == "predict" and self.splits_predict:
+        if method == "predict" and self.splits_predict_for(model):
             examples = data_lib.shard_predict(arguments, self.worker_index, self.num_workers)
         if examples is None:
             return super().run(model, method, original, arguments, attached)
@@ -212,6 +212,11 @@ class MultiProcessImplementation(Implementation):
         if not self.multi_process:
             return part
         return gather_parts(part, examples, self.num_workers, self.all_gather)
+
+    def splits_predict_for(self, model):
+        """Whether a `predict` of `model` on array input is split (`splits_predict`
+        unless a backend needs more, such as a model already built)."""
+        return self.splits_predict
 
     def call_context(self, model, method):
         if self._predict_part is not None:
