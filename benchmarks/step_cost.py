@@ -12,8 +12,8 @@ the first epoch of every run is left out. Methods:
     ks         model.fit(distribution=MultiWorkerMirrored()): the multi-process code
                path (DDP inside Keras's step, comm hook, global metrics) forced on
                with one process, so no second process or network is measured
-    ks_unfused the same without the fused Adam/AdamW update (`fused_adam.py`): what
-               it buys (ask for it with --methods)
+    ks_unfused the same without the fused Adam/AdamW and SGD updates (`fused_adam.py`,
+               `fused_sgd.py`): what they buy (ask for it with --methods)
     keras_fit  plain Keras fit, no distribution: Keras's own step
     keras_ddp  hand-written DDP loop over the same Keras model (Keras guide)
     torch_ddp  the same loop over the equivalent torch.nn model
@@ -75,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import keras_strategies as ks  # noqa: E402
-from keras_strategies.backends.torch import fused_adam, multi_worker  # noqa: E402
+from keras_strategies.backends.torch import fused_adam, fused_sgd, multi_worker  # noqa: E402
 from workloads import build_keras, build_torch, keras_optimizer, make_data, set_seed, torch_optimizer  # noqa: E402,E501
 
 # The multi-process path with one process (see the docstring).
@@ -108,9 +108,9 @@ class EpochTimer(keras.callbacks.Callback):
 
 def keras_fit(distributed, bypass, unfused=False):
     functional.operation_fn = direct_operation_fn if bypass else keras_operation_fn
-    supports = fused_adam.supports
+    supports = fused_adam.supports, fused_sgd.supports
     if unfused:
-        fused_adam.supports = lambda optimizer: False
+        fused_adam.supports = fused_sgd.supports = lambda optimizer: False
     try:
         set_seed(0)
         model = build_keras(args.workload)
@@ -123,7 +123,7 @@ def keras_fit(distributed, bypass, unfused=False):
         return timer.seconds[1:]
     finally:
         functional.operation_fn = keras_operation_fn
-        fused_adam.supports = supports
+        fused_adam.supports, fused_sgd.supports = supports
 
 
 def ddp_loop(torch_model):

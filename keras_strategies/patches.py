@@ -154,6 +154,9 @@ PATCHES = (
           "", "model", _TORCH, "BatchNormalization statistics over the global batch of every worker."),
     Patch("torch-fused-adam", ("Optimizer._backend_update_step",), "", "model", _TORCH,
           "Keras's torch Adam runs ten _foreach passes a step; torch's fused kernel computes the same."),
+    Patch("torch-fused-sgd", ("Optimizer._backend_update_step",), "", "model", _TORCH,
+          "Keras's torch SGD runs up to three _foreach passes a step after the division by the example count; "
+          "torch's fused kernel computes the same in one."),
     Patch("torch-replicated-call", ("Model.call",), "", "model", _TORCH,
           "CentralStorage runs one replica of the model per compute device."),
     Patch("ps-capture-gradients", ("Optimizer.apply", "Optimizer.stateless_apply"), "", "model",

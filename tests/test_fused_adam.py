@@ -61,18 +61,20 @@ def linear_data():
     return x, (x @ rng.normal(size=(12, 3))).astype("float32")
 
 
-def fit(distribution, epochs=10):
+def fit(distribution, epochs=10, optimizer=None):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3)])
-    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.compile(optimizer or keras.optimizers.Adam(1e-2), "mse")
     x, y = linear_data()
     kwargs = {"distribution": distribution} if distribution is not None else {}
     model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, **kwargs)
     return model.get_weights()
 
 
-def counting_fused_steps(monkeypatch):
-    from keras_strategies.backends.torch import fused_adam as module
+def counting_fused_steps(monkeypatch, module=None):
+    """The calls of `module`'s fused update step (default: fused_adam)."""
+    if module is None:
+        from keras_strategies.backends.torch import fused_adam as module
 
     calls = []
     original = module.fused_update_step

@@ -17,6 +17,7 @@ from keras.src.backend.torch.trainer import TorchTrainer
 from keras.src.trainers.data_adapters import data_adapter_utils
 from torch.nn.parallel import DistributedDataParallel
 
+from keras_strategies.backends.torch import fused_sgd
 from keras_strategies.backends.torch.metrics import (
     flat_metric_state,
     global_metrics,
@@ -80,7 +81,7 @@ class DataParallelStep:
     # own. Profiled on 2 CPU processes: the two extra collectives were ~19% of
     # a step, and each one is a sync point. Only the last bucket carries them:
     # the others are summed in place (no copies), and the gradients are
-    # divided by the summed count once backward is done (`_average`).
+    # divided by the summed count once backward is done (`_apply_average`).
     def _comm_hook(self, state, bucket):
         buffer = bucket.buffer()
         if not bucket.is_last():
@@ -102,12 +103,18 @@ class DataParallelStep:
 
         return future.then(unpack)
 
-    def _average(self, gradients):
-        """Summed count-weighted gradients -> the global batch's gradient."""
+    def _apply_average(self, optimizer, gradients, weights):
+        """Summed count-weighted gradients -> the global batch's gradient,
+        applied: divided here, or inside a fused SGD update that can fold
+        the division in (`fused_sgd.folds_count`)."""
         count, self.global_count = self.global_count, None
         if count is None:
             raise RuntimeError("keras_strategies: DDP's last bucket did not carry the example count")
+        if fused_sgd.folds_count(optimizer, weights):
+            with fused_sgd.dividing_by(count):
+                return optimizer.apply(gradients, weights)
         torch._foreach_div_([g for g in gradients if g is not None], count)
+        return optimizer.apply(gradients, weights)
 
     def train_step(self, model):
         """Keras's TorchTrainer.train_step, with the forward pass through DDP."""
@@ -143,8 +150,7 @@ class DataParallelStep:
                     weights = model.trainable_weights[:]
                     gradients = [v.value.grad for v in weights]
                     with torch.no_grad():
-                        self._average(gradients)
-                        model.optimizer.apply(gradients, weights)
+                        self._apply_average(model.optimizer, gradients, weights)
             finally:
                 self.metric_variables = None
             if fused:

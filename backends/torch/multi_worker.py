@@ -19,6 +19,7 @@ from keras_strategies.backends.torch.base import TorchImplementation, torch_devi
 from keras_strategies.backends.torch.batchnorm import global_batch_normalization
 from keras_strategies.backends.torch.ddp import DataParallelStep
 from keras_strategies.backends.torch.fused_adam import fused_adam
+from keras_strategies.backends.torch.fused_sgd import fused_sgd
 from keras_strategies.backends.torch.layout import copy_free_layouts
 from keras_strategies.backends.torch.store import loopback_init_method
 from keras_strategies.errors import StrategyError, WorkerError
@@ -167,7 +168,8 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
 
     @contextlib.contextmanager
     def run_context(self, model):
-        with fused_adam(getattr(model, "optimizer", None)), self.scope():
+        optimizer = getattr(model, "optimizer", None)
+        with fused_adam(optimizer), fused_sgd(optimizer), self.scope():
             if not self.multi_process:
                 yield
                 return
