@@ -52,6 +52,7 @@ class DataParallelStep:
         self.metric_variables = None  # metric state the last bucket carries
         self.metric_cache = None  # (versions, reduced state) from that bucket
         self.global_count = None  # summed example counts, from that bucket
+        self._packed = None  # the last bucket's all-reduce buffer (`_packed_buffer`)
 
     def sync_weights(self, model):
         """Rank 0's model, optimizer and metric state, to every worker."""
@@ -86,22 +87,35 @@ class DataParallelStep:
         buffer = bucket.buffer()
         if not bucket.is_last():
             return self._group.allreduce([buffer]).get_future().then(lambda done: done.value()[0])
-        parts = [buffer, buffer.new_tensor([float(self.local_count)])]
         metrics = self.metric_variables
+        metric_state = flat_metric_state(metrics, buffer.dtype) if metrics else buffer.new_empty(0)
         if metrics:
-            parts.append(flat_metric_state(metrics, buffer.dtype))
             versions = metric_versions(metrics)
         size = buffer.numel()
-        future = self._group.allreduce([torch.cat(parts)]).get_future()
+        packed = self._packed_buffer(size + 1 + metric_state.numel(), buffer)
+        packed[:size].copy_(buffer)
+        packed[size] = float(self.local_count)
+        packed[size + 1:].copy_(metric_state)
+        future = self._group.allreduce([packed]).get_future()
 
         def unpack(done):
-            total = done.value()[0]
-            self.global_count = total[size]
+            total = done.value()[0]  # `packed`, reused next step: nothing keeps a view of it
+            self.global_count = total[size].clone()
             if metrics:
-                self.metric_cache = (versions, total[size + 1:])
-            return total[:size]
+                self.metric_cache = (versions, total[size + 1:].clone())
+            return buffer.copy_(total[:size])
 
         return future.then(unpack)
+
+    def _packed_buffer(self, numel, like):
+        """The last bucket's all-reduce buffer, kept from step to step: a new
+        one each step (`torch.cat`) was a fresh allocation of the gradients'
+        size, which the allocator hands back to the kernel and page-faults in
+        again at every step."""
+        packed = self._packed
+        if packed is None or packed.numel() != numel or packed.dtype != like.dtype or packed.device != like.device:
+            packed = self._packed = like.new_empty(numel)
+        return packed
 
     def _apply_average(self, optimizer, gradients, weights):
         """Summed count-weighted gradients -> the global batch's gradient,
