@@ -32,6 +32,7 @@ strategy = ks.ParameterServer()  # a parameter server (and a TF worker) serves f
 with open(os.path.join(args.out, f"role-{os.getpid()}.json"), "w") as f:  # every process knows its place
     json.dump({"role": strategy.role, "is_chief": strategy.is_chief, "workers": strategy.num_workers,
                "index": strategy.worker_index, "ps": strategy.num_ps}, f)
+print(f"{strategy.role} {strategy.worker_index} knows its place", flush=True)  # each role's own output
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

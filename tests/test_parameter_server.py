@@ -116,8 +116,11 @@ def check_training(res, exact=True):
 
 def test_launcher_trains_a_classifier_and_a_slow_worker_does_not_hold_back_the_other(tmp_path):
     """chief + 2 workers + 1 parameter server through `keras-strategies launch --num-ps 1`;
-    worker 1 sleeps 40 ms per step (a test-only hook), worker 0 does not wait for it."""
-    env = base_env(KERAS_STRATEGIES_TIMEOUT=str(TIMEOUT), KERAS_STRATEGIES_TEST_SLOW_WORKER="1:0.04")
+    worker 1 sleeps 150 ms per step (a test-only hook), worker 0 does not wait for it.
+    In lock step the two would run as many steps; asynchronous, worker 0 runs
+    (150 ms + t) / t times as many, t its own step (~30 ms on a slow 2-core CI
+    machine under TensorFlow: 6x; 40 ms of sleep there gave only 2.4x)."""
+    env = base_env(KERAS_STRATEGIES_TIMEOUT=str(TIMEOUT), KERAS_STRATEGIES_TEST_SLOW_WORKER="1:0.15")
     process = subprocess.Popen(
         [sys.executable, "-m", "keras_strategies.launch", "--nproc-per-node", "4", "--num-ps", "1",
          JOB, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -163,7 +166,8 @@ def test_launcher_trains_a_classifier_and_a_slow_worker_does_not_hold_back_the_o
     # only the chief printed progress and wrote the user's files
     assert "[chief] Epoch 1/" in text and not any(
         line.startswith(("[worker", "[ps")) and "Epoch" in line for line in lines)
-    assert "[ps 0]" in text or "[worker 1]" in text  # the launcher names the roles
+    # the launcher names the roles
+    assert "[ps 0] ps 0 knows its place" in text and "[worker 1] worker 1 knows its place" in text, text[-3000:]
     assert writers(os.path.join(tmp_path, "saves.txt"), os.path.join(tmp_path, "user", "ckpt.weights.h5")) == {
         str(res["pid"])}
     with open(os.path.join(tmp_path, "user", "log.csv")) as f:
