@@ -1,56 +1,110 @@
-"""Runs the whole suite once per backend, each in its own process.
+"""Runs the whole suite once per backend, each backend in its own processes.
 
     python tests/run_all.py                 # tensorflow, jax and torch
     python tests/run_all.py jax -- -k fit   # one backend, extra pytest args
+    python tests/run_all.py --jobs 1        # nothing side by side
+
+Two phases. First the tests marked `in_process` (they run in pytest's own
+process and time nothing), two backends side by side (`--jobs`, at most the
+machine's cores): on a 2-core machine each keeps one core busy, so this halves
+their time. Then every other test (real multi-process jobs, timeouts, launched
+examples), one backend at a time, with the machine to itself. The output of a
+side-by-side run is printed whole when it ends.
 
 Exits non-zero when any backend has a failure or runs no test, and ends with
 one closing line adding up every backend.
 """
 
+import concurrent.futures
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 BACKENDS = ("tensorflow", "jax", "torch")
+WORDS = ("passed", "failed", "errors", "skipped")
+NO_TESTS_COLLECTED = 5  # pytest's exit code when the marker selects nothing (an extra -k, say)
 
 
-def main(argv):
+def parse(argv):
     extra = []
     if "--" in argv:
         extra = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
-    backends = argv or list(BACKENDS)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    totals = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    ok = True
-    for backend in backends:
-        env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
-        env.pop("XLA_FLAGS", None)
-        start = time.time()
-        print(f"===== KERAS_BACKEND={backend} =====", flush=True)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10",
-             os.path.join(root, "tests"), *extra],
-            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        last = ""
-        for line in process.stdout:
+    jobs = min(2, os.cpu_count() or 1)
+    if "--jobs" in argv:
+        at = argv.index("--jobs")
+        jobs = max(1, int(argv[at + 1]))
+        argv = argv[:at] + argv[at + 2:]
+    return argv or list(BACKENDS), jobs, extra
+
+
+def run(root, backend, marker, extra, echo):
+    """One pytest process over the tests `marker` selects; returns
+    `(exit code, counts, seconds, output)` and prints the output as it comes
+    when `echo`."""
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    basetemp = tempfile.mkdtemp(prefix=f"ks-tests-{backend}-")
+    start, lines, last = time.time(), [], ""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", "-m", marker,
+         f"--basetemp={os.path.join(basetemp, 'tmp')}", os.path.join(root, "tests"), *extra],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    for line in process.stdout:
+        lines.append(line)
+        if echo:
             sys.stdout.write(line)
-            if re.search(r"\d+ (passed|failed|error)", line):
-                last = line
-        code = process.wait()
-        counts = {key: 0 for key in totals}
-        for number, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", last):
-            counts["errors" if word.startswith("error") else word] += int(number)
-        for key in totals:
-            totals[key] += counts[key]
-        print(f"===== {backend}: exit {code}, {time.time() - start:.0f}s =====", flush=True)
-        if code != 0 or counts["passed"] == 0:
+        if re.search(r"\d+ (passed|failed|error|deselected)", line):
+            last = line
+    code = process.wait()
+    shutil.rmtree(basetemp, ignore_errors=True)
+    counts = dict.fromkeys(WORDS, 0)
+    for number, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", last):
+        counts["errors" if word.startswith("error") else word] += int(number)
+    return code, counts, time.time() - start, "".join(lines)
+
+
+def report(backend, phase, outcome):
+    code, counts, seconds, _ = outcome
+    print(f"===== {backend} ({phase}): exit {code}, {seconds:.0f}s, "
+          + ", ".join(f"{counts[w]} {w}" for w in WORDS) + " =====", flush=True)
+
+
+def main(argv):
+    backends, jobs, extra = parse(argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outcomes = {backend: [] for backend in backends}
+    start = time.time()
+    print(f"===== in_process tests, {jobs} backend(s) at a time =====", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run, root, b, "in_process", extra, jobs == 1): b for b in backends}
+        for future in concurrent.futures.as_completed(futures):
+            backend, outcome = futures[future], future.result()
+            if jobs > 1:
+                print(f"===== KERAS_BACKEND={backend} (in_process) =====\n{outcome[3]}", end="", flush=True)
+            report(backend, "in_process", outcome)
+            outcomes[backend].append(outcome)
+    for backend in backends:
+        print(f"===== KERAS_BACKEND={backend} (the others, alone) =====", flush=True)
+        outcome = run(root, backend, "not in_process", extra, echo=True)
+        report(backend, "the others", outcome)
+        outcomes[backend].append(outcome)
+    ok, totals = True, dict.fromkeys(WORDS, 0)
+    for backend, results in outcomes.items():
+        passed = sum(counts["passed"] for _, counts, _, _ in results)
+        if passed == 0 or any(code not in (0, NO_TESTS_COLLECTED) for code, _, _, _ in results):
             ok = False
-    failed = totals["failed"] + totals["errors"]
-    print(f"all backends: {totals['passed']} passed, {failed} failed, {totals['skipped']} skipped")
+            print(f"===== {backend}: FAILED (or ran no test) =====")
+        for _, counts, _, _ in results:
+            for word in WORDS:
+                totals[word] += counts[word]
+    print(f"all backends: {totals['passed']} passed, {totals['failed'] + totals['errors']} failed, "
+          f"{totals['skipped']} skipped in {time.time() - start:.0f}s")
     return 0 if ok else 1
 
 

@@ -3,9 +3,12 @@
 import inspect
 
 import keras
+import pytest
 
 import keras_strategies as ks
 from conftest import BACKEND
+
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
 
 
 def test_public_names():

@@ -9,6 +9,8 @@ import keras_strategies as ks
 from conftest import BACKEND
 from models import build, initial_weights, make_data
 
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
+
 DEVICES = ["cpu:0", "cpu:1"]  # two replicas on every backend (torch: both on "cpu")
 BATCH = 16  # global; 69 samples leave a last batch of 5, split 3/2
 EPOCHS = 2

@@ -13,6 +13,8 @@ from keras_strategies.cluster.slurm import expand_hostlist as _expand_hostlist
 from keras_strategies.errors import StrategyError
 from keras_strategies.launch.ports import free_port, port_in_use
 
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
+
 
 def tf_config(cluster, task_type="worker", index=0):
     return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})}

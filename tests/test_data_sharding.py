@@ -6,6 +6,8 @@ import pytest
 import keras_strategies as ks
 from keras_strategies.implementation import data
 
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
+
 
 def test_chunks_make_up_the_global_batch_in_rank_order():
     for world in (1, 2, 3, 4):

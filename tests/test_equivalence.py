@@ -8,6 +8,8 @@ import keras_strategies as ks
 from conftest import BACKEND
 from models import CustomTrainStep, build, initial_weights, make_data
 
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
+
 BATCH = 16  # global batch; 69 samples leave a last batch of 5
 EPOCHS = 2
 TOL = 1e-5

@@ -10,6 +10,8 @@ import keras_strategies as ks
 from conftest import BACKEND, REPLICA_DEVICES
 from features import BY_NAME, CASES, check_save_and_load, compare
 
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
+
 
 @functools.lru_cache(maxsize=None)
 def one_device(name):

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import BACKEND
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.in_process, pytest.mark.skipif(
     BACKEND != "torch", reason="fused Adam is torch-backend code (backends/torch/fused_adam.py)"
-)
+)]
 
 
 def train(fused, optimizer_fn, steps=60):

@@ -11,9 +11,9 @@ import pytest
 from conftest import BACKEND
 from test_fused_adam import counting_fused_steps, fit
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.in_process, pytest.mark.skipif(
     BACKEND != "torch", reason="fused SGD is torch-backend code (backends/torch/fused_sgd.py)"
-)
+)]
 
 COUNT = 3.0  # the summed example count the fused update divides by
 

@@ -10,6 +10,8 @@ import torch
 import keras_strategies as ks
 from models import build, initial_weights, make_data
 
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
+
 BATCH = 16
 
 

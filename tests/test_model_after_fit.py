@@ -9,6 +9,8 @@ import pytest
 import keras_strategies as ks
 from models import build, initial_weights, make_data
 
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
+
 
 def test_model_is_ordinary_after_distributed_fit(tmp_path, replica_devices):
     x, y = make_data(n=64)

@@ -122,6 +122,7 @@ def _stopped_and_resumed(strategy, optimizer, backup_dir, how, truncate=False):
     return model.get_weights()
 
 
+@pytest.mark.in_process
 @pytest.mark.parametrize("name, optimizer, how, truncate", [
     ("Mirrored", "adam", "RAISE", True),
     ("Mirrored", "sgd", "TERM", False),
@@ -180,6 +181,7 @@ def test_a_backup_from_another_backend_resumes_and_a_mismatch_is_refused(tmp_pat
     assert largest_difference(model.get_weights(), reference.get_weights()) < ACROSS_BACKENDS
 
 
+@pytest.mark.in_process
 def test_a_backup_is_never_left_half_written(tmp_path):
     """A writer that dies mid-write (here: its save raises after half a file)
     leaves the backups as they were; only the newest two are kept."""

@@ -11,9 +11,9 @@ import pytest
 from conftest import BACKEND
 from keras_strategies.launch.ports import free_port
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.in_process, pytest.mark.skipif(
     BACKEND != "torch", reason="the fused BatchNormalization is torch-backend code (backends/torch/batchnorm.py)"
-)
+)]
 
 
 @pytest.fixture

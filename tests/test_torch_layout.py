@@ -12,9 +12,9 @@ import pytest
 import keras_strategies as ks
 from conftest import BACKEND
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.in_process, pytest.mark.skipif(
     BACKEND != "torch", reason="the layout fix is torch-backend code (backends/torch/layout.py)"
-)
+)]
 
 layers = keras.layers
 

@@ -11,6 +11,8 @@ import keras_strategies as ks
 from conftest import BACKEND
 from models import build, initial_weights, make_data
 
+pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
+
 MODULE = importlib.import_module(f"keras_strategies.backends.{BACKEND}.tpu")
 MISSING = {
     "tensorflow": "no TPU was found",
