@@ -14,9 +14,8 @@ SGD kernel does all of it in one pass. The two compute the same update:
             buf = momentum * buf + g';  var -= lr' * buf with lr' = -1
             (nesterov: var -= lr' * (g' + momentum * buf))
 
-so the kernel keeps Keras's own momentum variable `m` as its buffer (the
-code also handles SGD without momentum: `lr` and `grad_scale = count`, but
-`supports` leaves that to Keras, faster there). The results agree
+so the kernel keeps Keras's own momentum variable `m` as its buffer. SGD
+without momentum stays Keras's own update (`supports`). The results agree
 to float rounding, not bit for bit, so like the fused Adam update
 (`fused_adam.py`) it is used only where the gradient all-reduce already
 changes the order of summation (MultiWorkerMirrored).
@@ -71,14 +70,11 @@ def dividing_by(count):
         _pending.count = None
 
 
-def _grad_scale(count, lr, momentum, device):
-    """The kernel's `grad_scale` (it divides the gradients by it), or `None`."""
-    if momentum:  # the buffer is Keras's m: g' = -lr * g / count
-        count = 1.0 if count is None else count
-        return (torch.as_tensor(count, dtype=torch.float32) * (-1.0 / lr)).to(device).reshape(())
-    if count is None:
-        return None
-    return torch.as_tensor(count, dtype=torch.float32).to(device).reshape(())
+def _grad_scale(count, lr, device):
+    """The kernel's `grad_scale` (it divides the gradients by it): the buffer
+    is Keras's m, so g' = -lr * g / count."""
+    count = 1.0 if count is None else count
+    return (torch.as_tensor(count, dtype=torch.float32) * (-1.0 / lr)).to(device).reshape(())
 
 
 def fused_update_step(optimizer):
@@ -97,23 +93,20 @@ def fused_update_step(optimizer):
             if count is not None:
                 grads = [g / count for g in grads]
             return original(grads, variables, learning_rate)
-        momentum = optimizer.momentum
-        buffers = []
-        if momentum:
-            index = optimizer._get_variable_index
-            buffers = [optimizer.momentums[index(v)].value for v in variables]
+        index = optimizer._get_variable_index
+        buffers = [optimizer.momentums[index(v)].value for v in variables]
         torch._fused_sgd_(
             params,
             [g.contiguous() for g in grads],
             buffers,
             weight_decay=0.0,  # Keras applies its own weight decay in apply()
-            momentum=momentum,
-            lr=-1.0 if momentum else lr,
+            momentum=optimizer.momentum,
+            lr=-1.0,
             dampening=0.0,
             nesterov=bool(optimizer.nesterov),
             maximize=False,
             is_first_step=False,  # Keras's momentum starts at zeros: the same
-            grad_scale=_grad_scale(count, lr, momentum, device),
+            grad_scale=_grad_scale(count, lr, device),
             found_inf=None,
         )
 
