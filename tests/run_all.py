@@ -17,6 +17,7 @@ one closing line adding up every backend.
 """
 
 import concurrent.futures
+import importlib.util
 import os
 import re
 import shutil
@@ -43,11 +44,29 @@ def parse(argv):
     return argv or list(BACKENDS), jobs, extra
 
 
-def run(root, backend, marker, extra, echo):
+def jax_cache(directory):
+    """Environment sharing one persistent JAX compilation cache between every
+    JAX process of the run (pytest's and the jobs it starts): most of a small
+    test's time on JAX is XLA compiling programs another test already
+    compiled. The cache is XLA's own, keyed on the whole program; it changes
+    what runs in no way, and it starts empty at every run. Its size limit
+    turns on JAX's file lock (package filelock, which torch brings), for
+    processes writing side by side."""
+    env = {
+        "JAX_COMPILATION_CACHE_DIR": directory,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+    if importlib.util.find_spec("filelock"):
+        env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+    return env
+
+
+def run(root, backend, marker, extra, echo, cache):
     """One pytest process over the tests `marker` selects; returns
     `(exit code, counts, seconds, output)` and prints the output as it comes
-    when `echo`."""
-    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
+    when `echo`. JAX programs are compiled once into `cache`."""
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1", **jax_cache(cache))
     env.pop("XLA_FLAGS", None)
     basetemp = tempfile.mkdtemp(prefix=f"ks-tests-{backend}-")
     start, lines, last = time.time(), [], ""
@@ -80,10 +99,10 @@ def main(argv):
     backends, jobs, extra = parse(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outcomes = {backend: [] for backend in backends}
-    start = time.time()
+    start, cache = time.time(), tempfile.mkdtemp(prefix="ks-jax-cache-")
     print(f"===== in_process tests, {jobs} backend(s) at a time =====", flush=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run, root, b, "in_process", extra, jobs == 1): b for b in backends}
+        futures = {pool.submit(run, root, b, "in_process", extra, jobs == 1, cache): b for b in backends}
         for future in concurrent.futures.as_completed(futures):
             backend, outcome = futures[future], future.result()
             if jobs > 1:
@@ -92,9 +111,10 @@ def main(argv):
             outcomes[backend].append(outcome)
     for backend in backends:
         print(f"===== KERAS_BACKEND={backend} (the others, alone) =====", flush=True)
-        outcome = run(root, backend, "not in_process", extra, echo=True)
+        outcome = run(root, backend, "not in_process", extra, True, cache)
         report(backend, "the others", outcome)
         outcomes[backend].append(outcome)
+    shutil.rmtree(cache, ignore_errors=True)
     ok, totals = True, dict.fromkeys(WORDS, 0)
     for backend, results in outcomes.items():
         passed = sum(counts["passed"] for _, counts, _, _ in results)
