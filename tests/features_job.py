@@ -19,6 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras_strategies as ks  # noqa: E402  (before the backend starts)
 
 strategy = ks.MultiWorkerMirrored()
+# JAX: the strategy agrees on a seed without importing TensorFlow, and seeds
+# it once it is imported (a tf.data shuffle must agree between the workers)
+tensorflow_imported_by_strategy, tensorflow_draw = "tensorflow" in sys.modules, None
+if os.environ.get("KERAS_BACKEND") == "jax":
+    import tensorflow as tf
+
+    tensorflow_draw = [float(v) for v in tf.random.uniform([4])]
 
 import numpy as np  # noqa: E402
 from features import BY_NAME, CASES, check_save_and_load, compare  # noqa: E402
@@ -62,4 +69,6 @@ for label, how in plan:
 
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"rank": rank, "workers": strategy.num_workers, "replicas": strategy.num_replicas_in_sync,
-               "verdicts": verdicts, "fingerprints": fingerprints}, f)
+               "verdicts": verdicts, "fingerprints": fingerprints,
+               "tensorflow_imported_by_strategy": tensorflow_imported_by_strategy,
+               "tensorflow_draw": tensorflow_draw}, f)
