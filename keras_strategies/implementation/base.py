@@ -26,6 +26,7 @@ class Implementation(abc.ABC):
 
     backend = None  # the Keras backend, set by each backend's base class
     keras_patches = ()  # names of "run" patches (keras_strategies.patches) active during a run
+    epoch_patches = ("epoch-spare-iterator",)  # run patches of every distributing strategy
     exact_resume = True  # a fit's BackupAndRestore resumes exactly (implementation.resume)
 
     @classmethod
@@ -156,7 +157,7 @@ class Implementation(abc.ABC):
             What the original method returns.
         """
         arguments = self.prepare_call(model, method, arguments)
-        with patches.active(self.keras_patches), exact_backups(self, model, method, arguments):
+        with patches.active(self.keras_patches + self.epoch_patches), exact_backups(self, model, method, arguments):
             if not attached:
                 self.attach(model)
             try:
@@ -176,6 +177,7 @@ class NoDistribution:
     """A mixin for `Default`: no scope, nothing to lay out, nothing to fix."""
 
     keras_patches = ()
+    epoch_patches = ()
 
     def scope(self):
         return contextlib.nullcontext()
