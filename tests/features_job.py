@@ -2,8 +2,9 @@
 
     python -m keras_strategies.launch --nproc-per-node 2 tests/features_job.py OUT_DIR [CASE ...]
 
-Run by each worker: trains every case on one device (locally) and under the
-strategy, compares them (`features.compare`), and writes `OUT_DIR/rank<r>.json`
+Run by each worker: trains every case under the strategy, compares it with
+the case trained on one device (`features.compare`; each worker trains its
+share of those and reads the others' from OUT_DIR), and writes `OUT_DIR/rank<r>.json`
 with each case's verdict and a fingerprint of its final weights (every worker
 must hold the same). A model trained with the strategy passed to `fit`, and
 one built in its scope, are also saved and loaded.
@@ -11,7 +12,9 @@ one built in its scope, are also saved and loaded.
 
 import json
 import os
+import pickle
 import sys
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,14 +46,34 @@ def fingerprint(result):
     return [float(np.sum(w * (1.0 + np.arange(w.size).reshape(w.shape) % 7))) for w in result["weights"]]
 
 
+def one_device(names, timeout=600):
+    """`{name: result}` of every case trained on one device. They are the same
+    on every worker, so each trains its share (every num_workers-th case)
+    and writes it to OUT_DIR; the others' shares are read from there."""
+    mine = {name: BY_NAME[name].train() for name in names[rank::strategy.num_workers]}
+    with open(os.path.join(out, f"one-device-{rank}.tmp"), "wb") as f:
+        pickle.dump(mine, f)
+    os.replace(os.path.join(out, f"one-device-{rank}.tmp"), os.path.join(out, f"one-device-{rank}.pkl"))
+    deadline = time.monotonic() + timeout
+    for other in range(strategy.num_workers):
+        path = os.path.join(out, f"one-device-{other}.pkl")
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {other} wrote no one-device results ({path}) in {timeout} s")
+            time.sleep(0.2)
+        with open(path, "rb") as f:
+            mine.update(pickle.load(f))
+    return mine
+
+
 def run(name, checks=(), **how):
     case = BY_NAME[name]
-    want = case.train()
     got = case.train(**how, keep_model="save" in checks)
-    compare(case, got, want)
+    compare(case, got, want[name])
     return got
 
 
+want = one_device(sorted(set(names) | {"momentum"}))
 verdicts, fingerprints = {}, {}
 plan = [(name, {"distribution": strategy}) for name in names]
 plan += [("momentum/scope", {"scope": strategy, "checks": ("save",)}),
