@@ -14,6 +14,8 @@ the first epoch of every run is left out. Methods:
                with one process, so no second process or network is measured
     ks_unfused the same without the fused Adam/AdamW and SGD updates (`fused_adam.py`,
                `fused_sgd.py`): what they buy (ask for it with --methods)
+    ks_keras_loss  ks with Keras's own loss and loss-tracker calls instead of
+               `fused_loss.py`: what it buys (ask for it with --methods)
     keras_fit  plain Keras fit, no distribution: Keras's own step
     keras_ddp  hand-written DDP loop over the same Keras model (Keras guide)
     torch_ddp  the same loop over the equivalent torch.nn model
@@ -75,7 +77,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import keras_strategies as ks  # noqa: E402
-from keras_strategies.backends.torch import fused_adam, fused_sgd, multi_worker  # noqa: E402
+from keras_strategies.backends.torch import fused_adam, fused_loss, fused_sgd, multi_worker  # noqa: E402
 from workloads import build_keras, build_torch, keras_optimizer, make_data, set_seed, torch_optimizer  # noqa: E402,E501
 
 # The multi-process path with one process (see the docstring).
@@ -106,11 +108,14 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self.begin)
 
 
-def keras_fit(distributed, bypass, unfused=False):
+def keras_fit(distributed, bypass, unfused=False, keras_loss=False):
     functional.operation_fn = direct_operation_fn if bypass else keras_operation_fn
     supports = fused_adam.supports, fused_sgd.supports
+    loss_paths = fused_loss.loss, fused_loss.track
     if unfused:
         fused_adam.supports = fused_sgd.supports = lambda optimizer: False
+    if keras_loss:
+        fused_loss.loss, fused_loss.track = (lambda *a: None), (lambda *a: False)
     try:
         set_seed(0)
         model = build_keras(args.workload)
@@ -124,6 +129,7 @@ def keras_fit(distributed, bypass, unfused=False):
     finally:
         functional.operation_fn = keras_operation_fn
         fused_adam.supports, fused_sgd.supports = supports
+        fused_loss.loss, fused_loss.track = loss_paths
 
 
 def ddp_loop(torch_model):
@@ -157,6 +163,7 @@ def ddp_loop(torch_model):
 RUN = {
     "ks": lambda: keras_fit(True, False),
     "ks_unfused": lambda: keras_fit(True, False, unfused=True),
+    "ks_keras_loss": lambda: keras_fit(True, False, keras_loss=True),
     "keras_fit": lambda: keras_fit(False, False),
     "keras_ddp": lambda: ddp_loop(False),
     "torch_ddp": lambda: ddp_loop(True),

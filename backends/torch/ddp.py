@@ -17,7 +17,7 @@ from keras.src.backend.torch.trainer import TorchTrainer
 from keras.src.trainers.data_adapters import data_adapter_utils
 from torch.nn.parallel import DistributedDataParallel
 
-from keras_strategies.backends.torch import fused_sgd
+from keras_strategies.backends.torch import fused_loss, fused_sgd
 from keras_strategies.backends.torch.metrics import (
     flat_metric_state,
     global_metrics,
@@ -145,10 +145,13 @@ class DataParallelStep:
             else:
                 y_pred = ddp(x)
             model.zero_grad()
-            loss = model._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            model._loss_tracker.update_state(loss, sample_weight=self.local_count)
+            loss = fused_loss.loss(model, y, y_pred, sample_weight)
+            if loss is None:
+                loss = model._compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                )
+            if not fused_loss.track(model._loss_tracker, loss, self.local_count):
+                model._loss_tracker.update_state(loss, sample_weight=self.local_count)
             fused = default_metrics and bool(model.trainable_weights)
             if fused:  # before backward, so the last bucket carries the new state
                 if model._compile_metrics is not None:

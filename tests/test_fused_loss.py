@@ -1,0 +1,142 @@
+"""torch: the multi-process step computes a sparse categorical crossentropy
+and the loss tracker's update without Keras's wrappers
+(backends/torch/fused_loss.py): the same loss, gradients and tracker state
+as Keras's own calls, bit for bit, and Keras's path for everything else."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import BACKEND
+from test_torch_batchnorm import one_process_group  # noqa: F401  (a fixture)
+
+pytestmark = [pytest.mark.in_process, pytest.mark.skipif(
+    BACKEND != "torch", reason="the fused loss is torch-backend code (backends/torch/fused_loss.py)"
+)]
+
+LOSSES = {
+    "string": lambda: "sparse_categorical_crossentropy",
+    "function": lambda: keras.losses.sparse_categorical_crossentropy,
+    "from_logits": lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    "probabilities": lambda: keras.losses.SparseCategoricalCrossentropy(),
+}
+
+
+def compiled(loss, outputs=4, loss_weights=None, model_class=keras.Sequential, **dense):
+    keras.utils.set_random_seed(0)
+    model = model_class([keras.Input((6,)), keras.layers.Dense(outputs, **dense)])
+    model.compile(optimizer="sgd", loss=loss, loss_weights=loss_weights)
+    labels = np.random.randint(0, outputs, 8)
+    if loss == "categorical_crossentropy":
+        labels = np.eye(outputs)[labels]
+    model.fit(np.random.rand(8, 6), labels, verbose=0)  # builds the compiled loss
+    return model
+
+
+def batch(model, label_dtype="int64", from_logits=True):
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 6, generator=generator)
+    y = torch.randint(0, 4, (16,), generator=generator).to(getattr(torch, label_dtype))
+    y_pred = model(x)
+    return x, y, (y_pred if from_logits else torch.softmax(y_pred, -1))
+
+
+@pytest.mark.parametrize("label_dtype", ["int64", "float32"])
+@pytest.mark.parametrize("loss_weights", [None, 0.5], ids=["unweighted", "loss_weight"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_and_gradients_equal_keras_bit_for_bit(name, loss_weights, label_dtype):
+    import torch
+
+    from keras_strategies.backends.torch import fused_loss
+
+    model = compiled(LOSSES[name](), loss_weights=loss_weights)
+    x, y, y_pred = batch(model, label_dtype, from_logits=name == "from_logits")
+    got = fused_loss.loss(model, y, y_pred, None)
+    assert got is not None
+    want = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=None, training=True)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.item() == want.item()
+    weights = [v.value for v in model.trainable_weights]
+    for a, b in zip(torch.autograd.grad(got, weights, retain_graph=True), torch.autograd.grad(want, weights)):
+        assert torch.equal(a, b)
+
+
+class OwnLoss(keras.Sequential):
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return keras.ops.mean(y_pred)
+
+
+def test_everything_else_takes_keras_path():
+    import torch
+
+    from keras_strategies.backends.torch import fused_loss
+
+    plain = compiled("sparse_categorical_crossentropy")
+    x, y, y_pred = batch(plain, from_logits=False)
+    assert fused_loss.loss(plain, y, y_pred, None) is not None
+    assert fused_loss.loss(plain, y, y_pred, torch.ones(16)) is None  # sample weights
+    assert fused_loss.loss(plain, y[:, None], y_pred, None) is None  # labels of shape (batch, 1)
+    assert fused_loss.loss(plain, y, y_pred.to(torch.bfloat16), None) is None  # mixed precision
+    masked = y_pred * 1.0
+    masked._keras_mask = torch.ones(16, dtype=torch.bool)
+    assert fused_loss.loss(plain, y, masked, None) is None
+    others = {
+        "ignore_class": compiled(keras.losses.SparseCategoricalCrossentropy(ignore_class=0)),
+        "categorical": compiled("categorical_crossentropy"),
+        "regularizer": compiled("sparse_categorical_crossentropy", kernel_regularizer="l2"),
+        "own_compute_loss": compiled("sparse_categorical_crossentropy", model_class=OwnLoss),
+    }
+    for name, model in others.items():
+        assert fused_loss.loss(model, y, y_pred, None) is None, name
+    assert fused_loss.sparse_crossentropy(None) is None  # compiled without a loss
+
+
+def test_tracker_update_equals_keras_and_other_trackers_are_left_alone():
+    import torch
+
+    from keras_strategies.backends.torch import fused_loss
+
+    fused, own = keras.metrics.Mean(name="loss"), keras.metrics.Mean(name="loss")
+    for value, count in [(0.7, 128), (1.3, 128), (0.123456789, 37)]:
+        assert fused_loss.track(fused, torch.tensor(value), count)
+        own.update_state(torch.tensor(value), sample_weight=count)
+        assert fused.total.numpy() == own.total.numpy() and fused.count.numpy() == own.count.numpy()
+    assert fused.result().numpy() == own.result().numpy()
+    assert not fused_loss.track(keras.metrics.Sum(), torch.tensor(1.0), 8)
+    assert not fused_loss.track(keras.metrics.Mean(dtype="float16"), torch.tensor(1.0), 8)
+    assert not fused_loss.track(fused, torch.tensor([1.0, 2.0]), 8)  # not one value
+
+
+def test_the_multi_worker_step_uses_it_and_trains_as_plain_keras(monkeypatch, one_process_group):  # noqa: F811
+    import keras_strategies as ks
+    from keras_strategies.backends.torch import fused_loss, multi_worker
+
+    fused = []
+    original = fused_loss.loss
+
+    def counting(*args):
+        value = original(*args)
+        fused.append(value is not None)
+        return value
+
+    monkeypatch.setattr(fused_loss, "loss", counting)
+    # the multi-process step (DDP, the comm hook) with this one process
+    monkeypatch.setattr(multi_worker.TorchMultiWorkerMirrored, "multi_process", property(lambda self: True))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 6)).astype("float32"), rng.integers(0, 4, 96)
+    results = []
+    for distribution in (ks.MultiWorkerMirrored(), None):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(4)])
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        kwargs = {"distribution": distribution} if distribution is not None else {}
+        history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, **kwargs)
+        results.append((model.get_weights(), history.history["loss"]))
+    assert len(fused) == 3 * 6 and all(fused[1:]), fused  # the first step builds Keras's compiled loss
+    (got, got_loss), (want, want_loss) = results
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
