@@ -46,12 +46,14 @@ CASES = {
     ("tensorflow", "multi_worker"): (False, ["ks"]),
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
-    ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit"]),
+    ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit", "ks_keras_loss"]),
     # replicas = workers; each run also has a chief and one parameter server
     ("tensorflow", "parameter_server"): (False, ["ks", "native", "native_tape"]),
     ("jax", "parameter_server"): (False, ["ks"]),
     ("torch", "parameter_server"): (False, ["ks"]),
 }
+
+ON_REQUEST = {"ks_keras_loss"}  # run only when --methods names them
 
 NOT_RUN = {
     ("tensorflow", "multi_worker", "native"):
@@ -111,6 +113,7 @@ LABELS = {
     "keras_ddp": "Keras model + hand-written DDP loop",
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
     "keras_fit": "plain Keras fit, no distribution (Keras's own step cost)",
+    "ks_keras_loss": "keras_strategies with Keras's own loss path (before backends/torch/fused_loss.py)",
 }
 
 CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -359,7 +362,7 @@ def _parser():
     parser.add_argument("--workloads", default=None, help=f"comma list of {','.join(WORKLOADS)}")
     parser.add_argument("--methods", default=None,
                         help="comma list limiting the methods (ks, native, native_sync_bn, keras_ddp, torch_ddp, "
-                             "keras_fit)")
+                             "keras_fit; on request only: ks_keras_loss)")
     parser.add_argument("--replicas", default="1,2", help="replica counts to measure (scaling needs 1,2)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="A B rounds per case (default: 3, --quick 2; 1 at 1 replica unless given)")
@@ -405,7 +408,8 @@ def _measure_case(case, args, tmp, started, shown_failing):
     """Every run of one case, methods alternating A B, B A, ..."""
     backend, strategy, workload, replicas = case
     methods = [m for m in CASES[(backend, strategy)][1]
-               if (not args.methods or m in args.methods.split(",")) and applies(m, workload, replicas)]
+               if (m in args.methods.split(",") if args.methods else m not in ON_REQUEST)
+               and applies(m, workload, replicas)]
     # unless --repeats is given: one A B round at 1 replica (for
     # scaling; --quick: also for CentralStorage), A B B A ... at 2
     rounds = args.repeats

@@ -16,6 +16,8 @@ Methods:
     keras_fit  torch, 1 process: plain Keras fit without any distribution, a
                reference for Keras's own per-step cost (what no strategy can
                go below) beside the torch.nn loop
+    ks_keras_loss  torch: ks with Keras's own loss and loss-tracker calls instead
+               of backends/torch/fused_loss.py (what it buys; on request only)
 
 Writes OUT.rank{RANK}.json with per-epoch samples/s, time from the fit call (or
 loop start) to the first finished step, and this process's peak RSS.
@@ -34,7 +36,8 @@ sys.path.insert(0, HERE)
 from workloads import OPTIMIZERS, build_keras, build_torch, keras_optimizer, make_data, set_seed, torch_optimizer  # noqa: E402,E501
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "keras_ddp", "torch_ddp", "keras_fit"])
+parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "keras_ddp", "torch_ddp", "keras_fit",
+                                                      "ks_keras_loss"])
 parser.add_argument("--strategy", required=True,
                     choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
@@ -87,6 +90,9 @@ elif BACKEND == "torch":
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
 
+METHOD = args.method  # as asked for, in the output
+if args.method == "ks_keras_loss":
+    args.method = "ks"
 strategy = None
 if args.method == "ks":
     import keras_strategies as ks  # before the backend starts
@@ -105,7 +111,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 native = None
-METHOD = args.method  # as asked for, in the output
+if METHOD == "ks_keras_loss":
+    from keras_strategies.backends.torch import fused_loss
+
+    fused_loss.loss, fused_loss.track = (lambda *a: None), (lambda *a: False)
 SYNC_BN = args.method == "native_sync_bn"
 if SYNC_BN:
     args.method = "native"  # the native run, with synchronized BatchNormalization

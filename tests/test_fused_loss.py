@@ -14,11 +14,23 @@ pytestmark = [pytest.mark.in_process, pytest.mark.skipif(
     BACKEND != "torch", reason="the fused loss is torch-backend code (backends/torch/fused_loss.py)"
 )]
 
+def squared_error(y_true, y_pred):  # a loss function of the user's
+    return keras.ops.mean(keras.ops.square(y_true - y_pred), axis=-1)
+
+
+# name: (loss, labels: "sparse" (batch,), "sparse_column" (batch, 1), "one_hot" or "real"; logits or probabilities)
 LOSSES = {
-    "string": lambda: "sparse_categorical_crossentropy",
-    "function": lambda: keras.losses.sparse_categorical_crossentropy,
-    "from_logits": lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    "probabilities": lambda: keras.losses.SparseCategoricalCrossentropy(),
+    "sparse_string": (lambda: "sparse_categorical_crossentropy", "sparse", False),
+    "sparse_function": (lambda: keras.losses.sparse_categorical_crossentropy, "sparse", False),
+    "sparse_logits": (lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True), "sparse", True),
+    "sparse_logits_column": (lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                             "sparse_column", True),
+    "categorical_smoothed": (lambda: keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+                             "one_hot", True),
+    "binary_logits": (lambda: keras.losses.BinaryCrossentropy(from_logits=True), "one_hot", True),
+    "mse_string": (lambda: "mse", "real", True),
+    "huber": (lambda: keras.losses.Huber(delta=0.5), "real", True),
+    "users_function": (lambda: squared_error, "real", True),
 }
 
 
@@ -26,33 +38,48 @@ def compiled(loss, outputs=4, loss_weights=None, model_class=keras.Sequential, *
     keras.utils.set_random_seed(0)
     model = model_class([keras.Input((6,)), keras.layers.Dense(outputs, **dense)])
     model.compile(optimizer="sgd", loss=loss, loss_weights=loss_weights)
-    labels = np.random.randint(0, outputs, 8)
-    if loss == "categorical_crossentropy":
-        labels = np.eye(outputs)[labels]
-    model.fit(np.random.rand(8, 6), labels, verbose=0)  # builds the compiled loss
+    model.build((None, 6))
     return model
 
 
-def batch(model, label_dtype="int64", from_logits=True):
+def labels(kind, generator, dtype="float32"):
+    import torch
+
+    classes = torch.randint(0, 4, (16,), generator=generator)
+    if kind == "real":
+        return torch.randn(16, 4, generator=generator)
+    if kind == "one_hot":
+        return torch.nn.functional.one_hot(classes, 4).to(torch.float32)
+    return (classes[:, None] if kind == "sparse_column" else classes).to(getattr(torch, dtype))
+
+
+def batch(model, kind="sparse", from_logits=True, label_dtype="int64"):
+    """x, y and y_pred for `model`, after one call of Keras's loss (which builds it)."""
     import torch
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(16, 6, generator=generator)
-    y = torch.randint(0, 4, (16,), generator=generator).to(getattr(torch, label_dtype))
+    y = labels(kind, generator, label_dtype)
     y_pred = model(x)
-    return x, y, (y_pred if from_logits else torch.softmax(y_pred, -1))
+    y_pred = y_pred if from_logits else torch.softmax(y_pred, -1)
+    model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=None, training=True)
+    return x, y, y_pred
 
 
-@pytest.mark.parametrize("label_dtype", ["int64", "float32"])
-@pytest.mark.parametrize("loss_weights", [None, 0.5], ids=["unweighted", "loss_weight"])
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_loss_and_gradients_equal_keras_bit_for_bit(name, loss_weights, label_dtype):
+CASES = [(name, dtype) for name, (_, kind, _) in sorted(LOSSES.items())
+         for dtype in (("int64", "float32") if kind.startswith("sparse") else ("float32",))]
+
+
+@pytest.mark.parametrize("loss_weights", [None, 0.3], ids=["unweighted", "loss_weight"])
+@pytest.mark.parametrize("name,label_dtype", CASES, ids=[f"{name}-{dtype}" for name, dtype in CASES])
+def test_loss_and_gradients_equal_keras_bit_for_bit(name, label_dtype, loss_weights):
     import torch
 
     from keras_strategies.backends.torch import fused_loss
 
-    model = compiled(LOSSES[name](), loss_weights=loss_weights)
-    x, y, y_pred = batch(model, label_dtype, from_logits=name == "from_logits")
+    make, kind, from_logits = LOSSES[name]
+    model = compiled(make(), loss_weights=loss_weights)
+    x, y, y_pred = batch(model, kind, from_logits, label_dtype)
     got = fused_loss.loss(model, y, y_pred, None)
     assert got is not None
     want = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=None, training=True)
@@ -68,6 +95,11 @@ class OwnLoss(keras.Sequential):
         return keras.ops.mean(y_pred)
 
 
+class OwnLossClass(keras.losses.Loss):
+    def call(self, y_true, y_pred):
+        return keras.ops.mean(keras.ops.square(y_true - y_pred), axis=-1)
+
+
 def test_everything_else_takes_keras_path():
     import torch
 
@@ -77,20 +109,23 @@ def test_everything_else_takes_keras_path():
     x, y, y_pred = batch(plain, from_logits=False)
     assert fused_loss.loss(plain, y, y_pred, None) is not None
     assert fused_loss.loss(plain, y, y_pred, torch.ones(16)) is None  # sample weights
-    assert fused_loss.loss(plain, y[:, None], y_pred, None) is None  # labels of shape (batch, 1)
     assert fused_loss.loss(plain, y, y_pred.to(torch.bfloat16), None) is None  # mixed precision
     masked = y_pred * 1.0
     masked._keras_mask = torch.ones(16, dtype=torch.bool)
     assert fused_loss.loss(plain, y, masked, None) is None
     others = {
-        "ignore_class": compiled(keras.losses.SparseCategoricalCrossentropy(ignore_class=0)),
-        "categorical": compiled("categorical_crossentropy"),
+        "ignore_class": compiled(keras.losses.SparseCategoricalCrossentropy(ignore_class=0)),  # a mask on the values
+        "sum_reduction": compiled(keras.losses.SparseCategoricalCrossentropy(reduction="sum")),
         "regularizer": compiled("sparse_categorical_crossentropy", kernel_regularizer="l2"),
         "own_compute_loss": compiled("sparse_categorical_crossentropy", model_class=OwnLoss),
+        "own_loss_class": compiled(OwnLossClass()),
     }
     for name, model in others.items():
+        batch(model, "real" if name == "own_loss_class" else "sparse", from_logits=False)
         assert fused_loss.loss(model, y, y_pred, None) is None, name
-    assert fused_loss.sparse_crossentropy(None) is None  # compiled without a loss
+    unbuilt = compiled("sparse_categorical_crossentropy")
+    assert fused_loss.loss(unbuilt, y, y_pred, None) is None  # Keras builds its compiled loss at its first call
+    assert fused_loss.loss_function(None) is None  # compiled without a loss
 
 
 def test_tracker_update_equals_keras_and_other_trackers_are_left_alone():

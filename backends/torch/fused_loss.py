@@ -1,51 +1,51 @@
-"""The loss of the multi-process PyTorch step for the commonest classifier,
-without Keras's layers of wrappers around it.
+"""The loss of the multi-process PyTorch step without Keras's layers of
+wrappers around it.
 
-A model compiled with one sparse categorical crossentropy (the
-`"sparse_categorical_crossentropy"` string, the function or
-`SparseCategoricalCrossentropy(from_logits=...)`) computes its loss in
-Keras 3.15 through `Trainer.compute_loss`, `CompileLoss`, `Loss.__call__`,
-`LossFunctionWrapper` and `reduce_weighted_values`: about 0.7 ms of a step on
-one CPU thread, of which torch's own cross entropy is about 0.1 ms
-(`benchmarks/step_cost.py`). Here the same loss is the same backend op
-(`keras.src.backend.torch.nn.sparse_categorical_crossentropy`) summed and
-divided by the batch size, as `reduce_weighted_values` does, and the loss
-tracker's update is its two in-place additions: the same values, bit for bit
+A model compiled with one of Keras's loss functions (a string such as
+`"sparse_categorical_crossentropy"` or `"mse"`, the function, or its class
+such as `SparseCategoricalCrossentropy(from_logits=True)`; any
+`LossFunctionWrapper`) computes its loss in Keras 3.15 through
+`Trainer.compute_loss`, `CompileLoss`, `Loss.__call__` and
+`reduce_weighted_values`: for a sparse categorical crossentropy about 0.7 ms
+of a step on one CPU thread, of which torch's own cross entropy is about
+0.1 ms (`docs/benchmarks/README.md`). Here the loss object's function
+computes the per-example values from the same converted inputs (what
+`LossFunctionWrapper.call` does for one output, without its tree walks), and they are
+summed and divided by their count as `reduce_weighted_values` does; the loss
+tracker's update is its two in-place additions. The same values, bit for bit
 (`tests/test_fused_loss.py`).
 
-Anything else takes Keras's own path: sample weights, a mask, a loss weight
-per output, several outputs, `ignore_class`, another axis, losses added by
-layers (`model.losses`), a `compute_loss` of the user's, other dtypes.
+Anything else takes Keras's path: sample weights, a mask (the model's or the
+loss's, e.g. `ignore_class`), several outputs, another reduction, losses
+added by layers (`model.losses`), a `compute_loss` of the user's, a loss class
+of the user's, dtypes other than float32.
 """
 
+import numpy as np
 import torch
 from keras.src.backend import get_keras_mask
-from keras.src.backend.torch import nn as torch_nn
-from keras.src.losses import losses as keras_losses
+from keras.src.backend.torch.core import convert_to_tensor
+from keras.src.losses.loss import Loss, squeeze_or_expand_to_same_rank
+from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.metrics.reduction_metrics import Mean
 from keras.src.trainers.compile_utils import CompileLoss
 from keras.src.trainers.trainer import Trainer
 
-_LOSS_TYPES = (keras_losses.LossFunctionWrapper, keras_losses.SparseCategoricalCrossentropy)
 
-
-def sparse_crossentropy(compile_loss):
-    """`(from_logits, loss_weight)` when `compile_loss` (a model's
-    `_compile_loss`) is one sparse categorical crossentropy with Keras's
-    defaults otherwise, else None."""
+def loss_function(compile_loss):
+    """`(loss, loss_weight)` when `compile_loss` (a model's `_compile_loss`)
+    is one Keras `LossFunctionWrapper` reduced to the batch mean in float32,
+    else None."""
     if type(compile_loss) is not CompileLoss or not compile_loss.built or compile_loss.dtype != "float32":
         return None
     if len(compile_loss._flat_losses) != 1:
         return None
     path, loss, weight, _ = compile_loss._flat_losses[0]
-    if (path != () or type(loss) not in _LOSS_TYPES or loss.fn is not keras_losses.sparse_categorical_crossentropy
-            or loss.reduction != "sum_over_batch_size" or loss.dtype != "float32"):
+    if (path != () or not isinstance(loss, LossFunctionWrapper) or type(loss).call is not LossFunctionWrapper.call
+            or type(loss).__call__ is not Loss.__call__ or loss.reduction != "sum_over_batch_size"
+            or loss.dtype != "float32"):
         return None
-    options = dict(loss._fn_kwargs)
-    from_logits = options.pop("from_logits", False)
-    if options.pop("ignore_class", None) is not None or options.pop("axis", -1) != -1 or options:
-        return None
-    return bool(from_logits), weight
+    return loss, weight
 
 
 def _plain_model(model):
@@ -58,17 +58,21 @@ def loss(model, y, y_pred, sample_weight):
     computes it, or None where this module does not apply (the caller then
     calls Keras)."""
     if (sample_weight is not None or not isinstance(y, torch.Tensor) or not isinstance(y_pred, torch.Tensor)
-            or y_pred.dtype != torch.float32 or y_pred.dim() != 2 or y.dim() != 1 or not len(y)
-            or get_keras_mask(y_pred) is not None or not _plain_model(model)):
+            or y_pred.dtype != torch.float32 or get_keras_mask(y_pred) is not None or not _plain_model(model)):
         return None
-    spec = sparse_crossentropy(model._compile_loss)
+    spec = loss_function(model._compile_loss)
     if spec is None or model.losses:
         return None
-    from_logits, weight = spec
-    # Loss.__call__ converts the labels to the loss's dtype first, as here.
-    values = torch_nn.sparse_categorical_crossentropy(y.to(torch.float32), y_pred, from_logits=from_logits)
-    value = torch.sum(values) / float(values.shape[0])
-    return value if weight is None else value * weight
+    loss_fn, weight = spec
+    # Loss.__call__ converts both to the loss's dtype first, then
+    # LossFunctionWrapper.call matches their ranks and calls the function.
+    y, y_pred = squeeze_or_expand_to_same_rank(convert_to_tensor(y, dtype="float32"), y_pred)
+    values = loss_fn.fn(y, y_pred, **loss_fn._fn_kwargs)
+    if get_keras_mask(values) is not None or values.dtype != torch.float32 or not values.numel():
+        return None
+    if values.dim():  # reduce_values: the sum over the count of values, the count as a float32
+        values = torch.sum(values) / float(np.float32(values.numel()))
+    return values if weight is None else values * weight
 
 
 def track(tracker, value, count):
