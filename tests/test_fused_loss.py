@@ -1,7 +1,8 @@
-"""torch: the multi-process step computes a sparse categorical crossentropy
-and the loss tracker's update without Keras's wrappers
-(backends/torch/fused_loss.py): the same loss, gradients and tracker state
-as Keras's own calls, bit for bit, and Keras's path for everything else."""
+"""torch: the multi-process step computes its loss, the loss tracker's
+update and the tracker's result without Keras's wrappers
+(backends/torch/fused_loss.py, backends/torch/metrics.py): the same loss,
+gradients, tracker state and logs as Keras's own calls, bit for bit, and
+Keras's path for everything else."""
 
 import keras
 import numpy as np
@@ -80,8 +81,15 @@ def test_loss_and_gradients_equal_keras_bit_for_bit(name, label_dtype, loss_weig
     make, kind, from_logits = LOSSES[name]
     model = compiled(make(), loss_weights=loss_weights)
     x, y, y_pred = batch(model, kind, from_logits, label_dtype)
-    got = fused_loss.loss(model, y, y_pred, None)
+    direct = []
+    with pytest.MonkeyPatch.context() as patch:
+        original = fused_loss._sparse_crossentropy_from_logits
+        patch.setattr(fused_loss, "_sparse_crossentropy_from_logits",
+                      lambda *a: direct.append(original(*a)) or direct[-1])
+        got = fused_loss.loss(model, y, y_pred, None)
     assert got is not None
+    # torch's cross entropy called directly for labels (N,) and logits, Keras's function otherwise
+    assert (direct[0] is not None) == (name == "sparse_logits"), direct
     want = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=None, training=True)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert got.item() == want.item()
@@ -146,7 +154,7 @@ def test_tracker_update_equals_keras_and_other_trackers_are_left_alone():
 
 def test_the_multi_worker_step_uses_it_and_trains_as_plain_keras(monkeypatch, one_process_group):  # noqa: F811
     import keras_strategies as ks
-    from keras_strategies.backends.torch import fused_loss, multi_worker
+    from keras_strategies.backends.torch import fused_loss, metrics, multi_worker
 
     fused = []
     original = fused_loss.loss
@@ -157,6 +165,9 @@ def test_the_multi_worker_step_uses_it_and_trains_as_plain_keras(monkeypatch, on
         return value
 
     monkeypatch.setattr(fused_loss, "loss", counting)
+    means = []
+    original_mean = metrics.mean_result
+    monkeypatch.setattr(metrics, "mean_result", lambda metric: means.append(metric.name) or original_mean(metric))
     # the multi-process step (DDP, the comm hook) with this one process
     monkeypatch.setattr(multi_worker.TorchMultiWorkerMirrored, "multi_process", property(lambda self: True))
     rng = np.random.default_rng(0)
@@ -171,7 +182,35 @@ def test_the_multi_worker_step_uses_it_and_trains_as_plain_keras(monkeypatch, on
         history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, **kwargs)
         results.append((model.get_weights(), history.history["loss"]))
     assert len(fused) == 3 * 6 and all(fused[1:]), fused  # the first step builds Keras's compiled loss
+    assert means.count("loss") >= 3 * 6, means  # the logs of every step
     (got, got_loss), (want, want_loss) = results
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_and_metric_results_equal_keras_bit_for_bit():
+    import torch
+
+    from keras_strategies.backends.torch.metrics import mean_result, metrics_result
+
+    tracker = keras.metrics.Mean(name="loss")
+    assert mean_result(tracker).item() == tracker.result().item() == 0.0  # no example yet: 0, not NaN
+    for value, count in [(0.7, 128), (1.3, 128), (0.123456789, 37)]:
+        tracker.update_state(torch.tensor(value), sample_weight=count)
+        got, want = mean_result(tracker), tracker.result()
+        assert got.dtype == want.dtype and got.shape == want.shape and got.item() == want.item()
+    assert mean_result(keras.metrics.Sum()) is None
+    assert mean_result(keras.metrics.Mean(dtype="float16")) is None
+    assert mean_result(keras.metrics.MeanSquaredError()) is None  # a subclass: its own result()
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2)])
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(37, 6)).astype("float32"), rng.integers(0, 4, 37), batch_size=8, verbose=0)
+    got, want = metrics_result(model), model.get_metrics_result()
+    assert list(got) == list(want) == ["loss", "accuracy", "sparse_top_k_categorical_accuracy"]
+    for name in want:
+        assert got[name].item() == want[name].item(), name

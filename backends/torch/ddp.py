@@ -152,7 +152,8 @@ class DataParallelStep:
                 )
             if not fused_loss.track(model._loss_tracker, loss, self.local_count):
                 model._loss_tracker.update_state(loss, sample_weight=self.local_count)
-            fused = default_metrics and bool(model.trainable_weights)
+            weights = model.trainable_weights  # a fresh list, walked once a step
+            fused = default_metrics and bool(weights)
             if fused:  # before backward, so the last bucket carries the new state
                 if model._compile_metrics is not None:
                     model._compile_metrics.update_state(y, y_pred, sample_weight)
@@ -162,9 +163,8 @@ class DataParallelStep:
             loss = loss * float(self.local_count)  # see _comm_hook
             self.moments_weight = 1.0
             try:
-                if model.trainable_weights:
+                if weights:
                     loss.backward()  # DDP weights and all-reduces (the comm hook)
-                    weights = model.trainable_weights[:]
                     gradients = [v.value.grad for v in weights]
                     with torch.no_grad():
                         self._apply_average(model.optimizer, gradients, weights)

@@ -1,11 +1,14 @@
 """Metrics of a multi-process PyTorch run: results from the state (totals and
 counts) summed over every worker, so every worker logs the global values."""
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
 from keras.src.backend.torch.core import to_torch_dtype
+from keras.src.metrics.reduction_metrics import Mean
+from keras.src.trainers.trainer import Trainer
 
 
 def reduced_metric_variables(model):
@@ -24,6 +27,35 @@ def metric_versions(variables):
     return tuple(v.value._version for v in variables)
 
 
+def mean_result(metric):
+    """`metric.result()` for a float32 `Mean` (the loss tracker, say) with
+    the torch operations of Keras's `divide_no_nan`, which is what that
+    method runs, without its dtype inference and conversions (about 80 us
+    of a step on one thread); None for any other metric."""
+    if type(metric) is not Mean or metric.dtype != "float32":
+        return None
+    total, count = metric.total.value, metric.count.value
+    if total.dtype != torch.float32 or count.dtype != torch.float32:
+        return None
+    safe_count = torch.where(count == 0, torch.ones_like(count), count)
+    return torch.where(count == 0, 0, torch.divide(total, safe_count))
+
+
+def metrics_result(model):
+    """`Trainer.get_metrics_result(model)`, with `mean_result` where it
+    applies: the same values."""
+    results = {}
+    for metric in model.metrics:
+        result = mean_result(metric)
+        if result is None:
+            result = metric.result()
+        if isinstance(result, dict):
+            results.update(result)
+        else:
+            results[metric.name] = result
+    return results
+
+
 def global_metrics(model, get_metrics_result, step, world_size):
     """`model.get_metrics_result` computed from the state summed over workers.
 
@@ -37,6 +69,8 @@ def global_metrics(model, get_metrics_result, step, world_size):
     Returns:
         The replacement method.
     """
+    if getattr(get_metrics_result, "__func__", None) is Trainer.get_metrics_result:
+        get_metrics_result = functools.partial(metrics_result, model)
 
     def result():
         variables = reduced_metric_variables(model)
