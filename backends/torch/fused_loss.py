@@ -28,9 +28,10 @@ from keras.src.backend.torch.core import convert_to_tensor
 from keras.src.losses import losses
 from keras.src.losses.loss import Loss, squeeze_or_expand_to_same_rank
 from keras.src.losses.losses import LossFunctionWrapper
-from keras.src.metrics.reduction_metrics import Mean
 from keras.src.trainers.compile_utils import CompileLoss
 from keras.src.trainers.trainer import Trainer
+
+from keras_strategies.backends.torch.metrics import float32_mean_state
 
 
 def loss_function(compile_loss):
@@ -100,12 +101,10 @@ def track(tracker, value, count):
     """`tracker.update_state(value, sample_weight=count)` for Keras's loss
     tracker (a `Mean`): `total += value * count; count += count`, in place.
     Returns whether it did; anything else is left to the caller."""
-    if (type(tracker) is not Mean or tracker.dtype != "float32" or not isinstance(value, torch.Tensor)
-            or value.dtype != torch.float32 or value.dim() != 0):
+    state = float32_mean_state(tracker)
+    if state is None or not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.dim() != 0:
         return False
-    total, seen = tracker.total.value, tracker.count.value
-    if total.dtype != torch.float32 or seen.dtype != torch.float32:
-        return False
+    total, seen = state
     with torch.no_grad():
         total.add_(value.detach() * float(count))
         seen.add_(float(count))

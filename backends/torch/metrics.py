@@ -27,16 +27,27 @@ def metric_versions(variables):
     return tuple(v.value._version for v in variables)
 
 
-def mean_result(metric):
-    """`metric.result()` for a float32 `Mean` (the loss tracker, say) with
-    the torch operations of Keras's `divide_no_nan`, which is what that
-    method runs, without its dtype inference and conversions (about 70 us
-    of a step on one thread); None for any other metric."""
+def float32_mean_state(metric):
+    """`(total, count)`, the tensors of a Keras `Mean` itself (not a
+    subclass: those have their own `result`) kept in float32, such as the
+    loss tracker; None for any other metric."""
     if type(metric) is not Mean or metric.dtype != "float32":
         return None
     total, count = metric.total.value, metric.count.value
     if total.dtype != torch.float32 or count.dtype != torch.float32:
         return None
+    return total, count
+
+
+def mean_result(metric):
+    """`metric.result()` for a float32 `Mean` (the loss tracker, say) with
+    the torch operations of Keras's `divide_no_nan`, which is what that
+    method runs, without its dtype inference and conversions (about 70 us
+    of a step on one thread); None for any other metric."""
+    state = float32_mean_state(metric)
+    if state is None:
+        return None
+    total, count = state
     safe_count = torch.where(count == 0, torch.ones_like(count), count)
     return torch.where(count == 0, 0, torch.divide(total, safe_count))
 
