@@ -12,6 +12,7 @@ quotes from the code and the tests is still true, and it builds strictly.
   guide is in the site's navigation.
 - `mkdocs build --strict` passes (on the jax run only: it does not depend on
   the backend), and its hook names a public object without a docstring.
+- The README's test command installs and runs what CI's `.ci/run` does.
 """
 
 import os
@@ -259,3 +260,18 @@ def test_the_feature_table_lists_every_case_as_the_tests_run_it():
             assert ps.startswith("✅ TensorFlow;") and "not run here" in ps, (name, ps)
         else:
             assert ps.startswith("n/a"), (name, ps)
+
+
+def test_the_readmes_test_command_is_what_ci_runs():
+    """The README's second command (fresh machine: install, run the tests)
+    installs what `.ci/run` installs and runs the same test command, so the
+    README's suite is CI's, mkdocs included."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.DOTALL)[1]
+    command = [line for line in block.splitlines() if line.strip() and not line.startswith("#")][1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    extras = re.compile(r'pip install (?:-q )?-e "\.\[([a-z,]+)\]"')
+    assert set(extras.search(command)[1].split(",")) == set(extras.search(ci)[1].split(",")), (command, ci)
+    test_command = "python tests/run_all.py"
+    assert command.rstrip().endswith(test_command), command
+    assert ci.rstrip().splitlines()[-1].strip() == test_command, ci
