@@ -1,7 +1,8 @@
 """Benchmarks keras_strategies (A) against the native way (B), per backend and strategy.
 
     python benchmarks/run.py --quick          # MLP, every backend, < 10 min on 2 cores
-    python benchmarks/run.py                  # all three workloads, 3 rounds (about 45 min on 2 cores)
+    python benchmarks/run.py                  # all three workloads, 3 rounds (241 runs: hours on 2 cores)
+    python benchmarks/run.py --resume         # the same, going on from the last case an interrupted run finished
     python benchmarks/run.py --backends jax --strategies mirrored --workloads mlp \
         --replicas 2 --repeats 1 --epochs 2 --steps 3 --out /tmp/b.json --no-plot   # smoke
 
@@ -12,6 +13,11 @@ replicas) the methods run alternately, A B B A ..., `--repeats` rounds (by defau
 is samples/s per epoch with the first epoch (compilation, tracing, DDP setup)
 left out; the median over every later epoch of every repeat is reported, with
 min-max. Writes JSON, then (report.py) a markdown table and a PNG plot.
+After each case the runs so far are kept in OUT.partial (written atomically):
+`--resume` with the same options measures only the cases still missing, so a
+long run can be stopped (Ctrl-C, a machine taken back) and finished later.
+Each case's rounds alternate within the case, so its ratio stays one
+interleaved comparison whichever session measured it.
 """
 
 import argparse
@@ -379,6 +385,9 @@ def _parser():
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "results.json"))
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     parser.add_argument("--no-plot", action="store_true", help="JSON and markdown only")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the interrupted run of the same options kept in OUT.partial: measure "
+                             "only the cases it has not finished")
     parser.add_argument("--resummarize", metavar="JSON",
                         help="measure nothing: classify and summarize the runs of an earlier JSON again "
                              "(after a change to this script's summary), then rewrite it and its tables")
@@ -450,6 +459,47 @@ def _write(data, args, runs):
     return 1 if failed else 0
 
 
+# what the runs of a resumed run must share with the interrupted one's
+RESUME_OPTIONS = ("quick", "backends", "strategies", "workloads", "methods", "replicas", "repeats", "epochs", "steps",
+                  "batch", "steps_per_execution", "optimizer")
+
+
+def _options(args):
+    return {name: getattr(args, name) for name in RESUME_OPTIONS}
+
+
+def _save_partial(path, meta, runs, done):
+    """The runs so far and the cases finished, atomically (a stop while
+    writing leaves the previous file whole)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(meta=meta, runs=runs, done=[list(case) for case in done]), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _resume(args, meta, path):
+    """`(runs, cases done)` of the interrupted run kept at `path`, whose
+    meta then becomes this run's (first start, seconds spent so far);
+    nothing when there is none. Raises SystemExit when it was made with other
+    options."""
+    if not os.path.exists(path):
+        print(f"--resume: no interrupted run at {path}; starting from the first case", flush=True)
+        return [], set()
+    with open(path) as f:
+        data = json.load(f)
+    earlier = data["meta"]
+    if earlier["options"] != meta["options"]:
+        differ = sorted(k for k in meta["options"] if earlier["options"].get(k) != meta["options"][k])
+        raise SystemExit(f"run.py --resume: {path} holds a run with other options ({', '.join(differ)} differ; "
+                         f"it was `{earlier['command']}`). Resume it with those options, or leave out --resume "
+                         f"to start again (the partial file is then replaced).")
+    meta.update(date=earlier["date"], load_average_before=earlier["load_average_before"],
+                machine=earlier["machine"], versions=earlier["versions"], command=earlier["command"],
+                resumed=earlier.get("resumed", []) + [meta["date_now"]], wall_s_before=earlier["wall_s"])
+    done = {tuple(case) for case in data["done"]}
+    print(f"--resume: {len(done)} case(s), {len(data['runs'])} run(s) from {path}", flush=True)
+    return data["runs"], done
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     if args.resummarize:
@@ -461,8 +511,9 @@ def main(argv=None):
     args.steps = args.steps or 50
     plan = _plan(args, workloads, [int(n) for n in args.replicas.split(",")])
     started = time.perf_counter()
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     meta = dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        date=now, date_now=now, options=_options(args),
         command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
         config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
@@ -470,17 +521,31 @@ def main(argv=None):
                     optimizer=describe_optimizer(args.optimizer),
                     shuffle=False, metrics=None, threads=THREADS),
     )
-    runs, shown_failing = [], set()
+    partial = args.out + ".partial"
+    runs, done = _resume(args, meta, partial) if args.resume else ([], set())
+    shown_failing = {(r["backend"], r["strategy"], r["method"], r["workload"], r["replicas"])
+                     for r in runs if native_fails(r)}
+    before = meta.pop("wall_s_before", 0.0)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ks-bench-")
     try:
         for case in plan:
+            if tuple(case) in done:
+                continue
             runs += _measure_case(case, args, tmp, started, shown_failing)
+            done.add(tuple(case))
+            meta["wall_s"] = round(before + time.perf_counter() - started, 1)
+            _save_partial(partial, meta, runs, done)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results, comparisons, scaling = summarize(runs)
-    meta.update(wall_s=round(time.perf_counter() - started, 1), load_average_after=os.getloadavg())
+    meta.pop("date_now")
+    meta.update(wall_s=round(before + time.perf_counter() - started, 1), load_average_after=os.getloadavg())
     data = dict(meta=meta, results=results, comparisons=comparisons, scaling=scaling, runs=runs)
-    return _write(data, args, runs)
+    code = _write(data, args, runs)
+    if os.path.exists(partial):
+        os.remove(partial)
+    return code
 
 
 if __name__ == "__main__":

@@ -89,3 +89,54 @@ def test_predict_or_refit_smoke(tmp_path):
     methods = json.loads(out.read_text())["results"][BACKEND]
     assert set(methods) == {"ks_fit", "ks_scope", "native"}
     assert all(m["first_s"] > 0 and m["later_s"] > 0 for m in methods.values()), methods
+
+
+@pytest.mark.in_process
+def test_an_interrupted_run_resumes_from_the_last_finished_case(tmp_path, monkeypatch):
+    """benchmarks/run.py keeps the runs of every finished case in OUT.partial;
+    stopped in its second case, `--resume` measures that case alone (the
+    first is not measured again), the JSON holds every run and the partial
+    file is gone. A resume with other options is refused, naming them. The
+    measurements are stand-ins: this is the harness's bookkeeping."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import run
+
+    calls = []
+
+    def measure(backend, strategy, method, workload, replicas, args, tmp):
+        calls.append((strategy, method))
+        if stop_at and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return dict(backend=backend, strategy=strategy, method=method, workload=workload, replicas=replicas,
+                    processes=1, threads_per_process=replicas, wall_s=1.0, exit_code=0, status="ok",
+                    samples_per_s=[1000.0 * len(calls)] * 2, cpu_us_per_sample=[[10.0, 10.0]], first_epoch_s=1.0,
+                    first_step_s=0.5, steps_seen=6, peak_rss_mib=[100.0])
+
+    monkeypatch.setattr(run, "measure", measure)
+    out = str(tmp_path / "r.json")
+    argv = ["--backends", "torch", "--strategies", "default,central_storage", "--workloads", "mlp",
+            "--replicas", "1,2", "--repeats", "1", "--out", out, "--no-plot"]
+    # the plan: (default, x1): ks then native; (central_storage, x2): ks
+    stop_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv)
+    assert not os.path.exists(out)
+    with open(out + ".partial") as f:
+        partial = json.load(f)
+    assert partial["done"] == [["torch", "default", "mlp", 1]]
+    assert [r["method"] for r in partial["runs"]] == ["ks", "native"]
+
+    with pytest.raises(SystemExit, match="repeats differ"):
+        run.main(argv[:-5] + ["--repeats", "2", "--out", out, "--no-plot", "--resume"])
+
+    calls.clear()
+    stop_at = None
+    assert run.main(argv + ["--resume"]) == 0
+    assert calls == [("central_storage", "ks")]
+    assert not os.path.exists(out + ".partial")
+    with open(out) as f:
+        data = json.load(f)
+    assert [(r["strategy"], r["method"]) for r in data["runs"]] == [
+        ("default", "ks"), ("default", "native"), ("central_storage", "ks")]
+    assert len(data["meta"]["resumed"]) == 1 and "date_now" not in data["meta"]
+    assert "resumed" in (tmp_path / "r.md").read_text()
