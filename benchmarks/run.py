@@ -168,6 +168,21 @@ def run_env(backend, threads):
     return env
 
 
+def _stop(proc):
+    """Stops a measurement's process group (the launcher stops its own ranks
+    on SIGTERM; SIGKILL after 15 s); returns its output."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=15)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[0]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def measure(backend, strategy, method, workload, replicas, args, tmp):
     """One measurement: returns a dict (status ok, or failed with the output tail)."""
     in_process, _ = CASES[(backend, strategy)]
@@ -195,12 +210,10 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
     try:
         output, _ = proc.communicate(timeout=args.timeout + 30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)  # the launcher stops its own ranks on SIGTERM
-        try:
-            output, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+        output = _stop(proc)
+    except BaseException:  # Ctrl-C or SIGTERM to run.py: its own session would outlive it
+        _stop(proc)
+        raise
     wall = time.perf_counter() - start
     ranks = []
     for rank in range(reporting):
@@ -549,4 +562,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)  # a machine taken back: stop the measurement, keep the partial file
     sys.exit(main())
