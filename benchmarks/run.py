@@ -485,7 +485,7 @@ def _save_partial(path, meta, runs, done):
     """The runs so far and the cases finished, atomically (a stop while
     writing leaves the previous file whole)."""
     with open(path + ".tmp", "w") as f:
-        json.dump(dict(meta=meta, runs=runs, done=[list(case) for case in done]), f, indent=1)
+        json.dump(dict(meta=meta, runs=runs, done=[list(case) for case in sorted(done)]), f, indent=1)
     os.replace(path + ".tmp", path)
 
 
