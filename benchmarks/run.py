@@ -489,7 +489,7 @@ def _save_partial(path, meta, runs, done):
     os.replace(path + ".tmp", path)
 
 
-def _resume(args, meta, path):
+def _resume(meta, path, now):
     """`(runs, cases done)` of the interrupted run kept at `path`, whose
     meta then becomes this run's (first start, seconds spent so far);
     nothing when there is none. Raises SystemExit when it was made with other
@@ -507,7 +507,7 @@ def _resume(args, meta, path):
                          f"to start again (the partial file is then replaced).")
     meta.update(date=earlier["date"], load_average_before=earlier["load_average_before"],
                 machine=earlier["machine"], versions=earlier["versions"], command=earlier["command"],
-                resumed=earlier.get("resumed", []) + [meta["date_now"]], wall_s_before=earlier["wall_s"])
+                resumed=earlier.get("resumed", []) + [now], wall_s_before=earlier["wall_s"])
     done = {tuple(case) for case in data["done"]}
     print(f"--resume: {len(done)} case(s), {len(data['runs'])} run(s) from {path}", flush=True)
     return data["runs"], done
@@ -526,7 +526,7 @@ def main(argv=None):
     started = time.perf_counter()
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     meta = dict(
-        date=now, date_now=now, options=_options(args),
+        date=now, options=_options(args),
         command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
         config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
@@ -535,7 +535,7 @@ def main(argv=None):
                     shuffle=False, metrics=None, threads=THREADS),
     )
     partial = args.out + ".partial"
-    runs, done = _resume(args, meta, partial) if args.resume else ([], set())
+    runs, done = _resume(meta, partial, now) if args.resume else ([], set())
     shown_failing = {(r["backend"], r["strategy"], r["method"], r["workload"], r["replicas"])
                      for r in runs if native_fails(r)}
     before = meta.pop("wall_s_before", 0.0)
@@ -552,7 +552,6 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results, comparisons, scaling = summarize(runs)
-    meta.pop("date_now")
     meta.update(wall_s=round(before + time.perf_counter() - started, 1), load_average_after=os.getloadavg())
     data = dict(meta=meta, results=results, comparisons=comparisons, scaling=scaling, runs=runs)
     code = _write(data, args, runs)
