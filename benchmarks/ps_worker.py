@@ -80,16 +80,16 @@ def run_ours():
     write(times, ends[0] - start)
 
 
-def native_cluster():
+def native_cluster(reservation):
     """The TF cluster the launcher's processes make (the plumbing a user writes
-    by hand or gets from TF_CONFIG; not part of what is measured)."""
+    by hand or gets from TF_CONFIG; not part of what is measured); this
+    process serves on `reservation`'s port."""
     from keras_strategies.cluster import resolve_cluster
     from keras_strategies.cluster.rendezvous import exchange_addresses
-    from keras_strategies.launch.ports import free_port
 
     cluster = resolve_cluster()
     processes = cluster.world_size + cluster.num_ps
-    addresses = exchange_addresses(cluster.coordinator, cluster.process_index, processes, free_port(), 300)
+    addresses = exchange_addresses(cluster.coordinator, cluster.process_index, processes, reservation.port, 300)
     workers = cluster.world_size
     spec = {"chief": addresses[:1], "worker": addresses[1:workers], "ps": addresses[workers:]}
     return cluster, spec
@@ -98,17 +98,23 @@ def native_cluster():
 def run_native():
     import tensorflow as tf
 
-    cluster, spec = native_cluster()
+    from keras_strategies.launch.ports import reserve_port
+
+    reservation = reserve_port()  # held until the server runs: no other socket takes the port meanwhile
+    cluster, spec = native_cluster(reservation)
     if cluster.task_type != "chief":
         config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=len(spec["worker"]) + 1,
                                           intra_op_parallelism_threads=1)
-        tf.distribute.Server(tf.train.ClusterSpec(spec), job_name=cluster.task_type,
-                             task_index=cluster.task_index, config=config, start=True).join()
+        server = tf.distribute.Server(tf.train.ClusterSpec(spec), job_name=cluster.task_type,
+                                      task_index=cluster.task_index, config=config, start=True)
+        reservation.close()
+        server.join()
     import keras
 
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(spec), task_type="chief", task_id=0, rpc_layer="grpc")
     strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
+    reservation.close()
     coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
     x, y = make_data(args.workload, args.steps * args.batch)
     start = time.perf_counter()  # as ours: the variables' creation on the servers and the per-worker dataset count

@@ -3,6 +3,7 @@
 Pure Python: each case passes a dict as the environment.
 """
 
+import errno
 import json
 import socket
 
@@ -11,7 +12,7 @@ import pytest
 from keras_strategies.cluster import ClusterError, ClusterSpec, resolve_cluster
 from keras_strategies.cluster.slurm import expand_hostlist as _expand_hostlist
 from keras_strategies.errors import StrategyError
-from keras_strategies.launch.ports import free_port, port_in_use
+from keras_strategies.launch.ports import free_port, port_in_use, reserve_port
 
 pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
 
@@ -280,3 +281,24 @@ def test_ports():
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         assert port_in_use("127.0.0.1", sock.getsockname()[1])
+
+
+def test_a_reserved_port_is_held_until_closed_and_a_server_starts_beside_it():
+    reservation = reserve_port()
+    try:
+        with socket.socket() as plain:  # any other bind of the port fails while it is held
+            with pytest.raises(OSError) as error:
+                plain.bind(("127.0.0.1", reservation.port))
+            assert error.value.errno == errno.EADDRINUSE
+        with socket.socket() as server:  # but a server binding as gRPC and TCPStore do starts
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", reservation.port))
+            server.listen()
+            with socket.create_connection(("127.0.0.1", reservation.port), timeout=5):
+                pass
+    finally:
+        reservation.close()
+    with reserve_port() as other:
+        port = other.port
+    with socket.socket() as plain:  # closed: the port is free again
+        plain.bind(("127.0.0.1", port))

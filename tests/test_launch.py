@@ -51,6 +51,22 @@ if mode == "print":
     sys.stdout.write("no newline at the end")
     sys.exit(0)
 
+if mode == "master-port":  # the launcher's picked port, while the job runs
+    import errno, socket
+    port = int(os.environ["MASTER_PORT"])
+    with socket.socket() as plain:  # no SO_REUSEADDR: only a port nobody holds binds
+        try:
+            plain.bind(("127.0.0.1", port))
+            print("master port: free")
+        except OSError as error:
+            print("master port: held" if error.errno == errno.EADDRINUSE else "master port: %s" % error)
+    with socket.socket() as server:  # as rank 0's server binds it (gRPC, TCPStore)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        print("master port: served")
+    sys.exit(0)
+
 if mode == "ps-roles":
     print("num_ps=%s" % os.environ.get("KERAS_STRATEGIES_NUM_PS"))
     if rank == 1:  # worker 0 of a parameter-server job fails
@@ -171,6 +187,18 @@ def test_two_ranks_output_prefixed(script, tmp_path, capfd):
     out, err = capfd.readouterr()
     assert code == 0, err
     check_prefixed_output(out, err)
+
+
+@pytest.mark.timeout(60)
+def test_the_master_port_picked_is_held_until_rank_0_serves_on_it(script, tmp_path, capfd):
+    """Between the launcher's pick and rank 0's bind, no other socket may get
+    the port (the full benchmark run lost a run to that: "Could not start
+    gRPC server"); a server that binds it as engines do still starts."""
+    code = launch([sys.executable, str(script), str(tmp_path), "master-port"], nproc_per_node=1, timeout=50)
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert "[rank 0] master port: held" in out.splitlines(), out
+    assert "[rank 0] master port: served" in out.splitlines(), out
 
 
 @pytest.mark.timeout(60)

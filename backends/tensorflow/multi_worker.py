@@ -19,18 +19,20 @@ from keras_strategies.errors import StrategyError
 from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.model_state import cached_predict_function
 from keras_strategies.implementation.multi_process import MultiProcessImplementation, own_coordinator
-from keras_strategies.launch.ports import free_port
+from keras_strategies.launch.ports import reserve_port
 
 _native = {}  # one MultiWorkerMirroredStrategy per process: TF allows no other
 
 
-def _resolver(cluster, timeout):
+def _resolver(cluster, timeout, reservation):
+    """The cluster resolver; each worker's own gRPC port is found with
+    `reservation` (held by the caller until the strategy's server runs)."""
     if cluster.source == "TF_CONFIG":
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if cluster.world_size == 1:
         return None
-    port = free_port()
-    addresses = exchange_addresses(own_coordinator(cluster), cluster.rank, cluster.world_size, port, timeout)
+    addresses = exchange_addresses(own_coordinator(cluster), cluster.rank, cluster.world_size, reservation.port,
+                                   timeout)
     spec = tf.train.ClusterSpec({"worker": addresses})
     return tf.distribute.cluster_resolver.SimpleClusterResolver(
         spec, task_type="worker", task_id=cluster.rank, rpc_layer="grpc"
@@ -50,9 +52,10 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
         if first:
             options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
             try:
-                _native["strategy"] = tf.distribute.MultiWorkerMirroredStrategy(
-                    cluster_resolver=_resolver(cluster, timeout), communication_options=options
-                )
+                with reserve_port() as reservation:
+                    _native["strategy"] = tf.distribute.MultiWorkerMirroredStrategy(
+                        cluster_resolver=_resolver(cluster, timeout, reservation), communication_options=options
+                    )
             except RuntimeError as error:
                 raise self.unsupported(
                     f"TensorFlow has already started ({error})",

@@ -40,7 +40,7 @@ from keras_strategies.implementation.parameter_server import (
     StepResult,
     first_batch,
 )
-from keras_strategies.launch.ports import free_port
+from keras_strategies.launch.ports import reserve_port
 
 
 def _tcp_alive(address):
@@ -78,14 +78,25 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
 
     def __init__(self, strategy, devices, cluster, timeout):
         super().__init__(strategy, devices, cluster, timeout)
-        spec = self._spec = self._cluster_dict()
+        with reserve_port() as reservation:  # held until this process's gRPC server runs
+            spec = self._spec = self._cluster_dict(reservation)
+            self._start_server(spec)
+        if self.role == "chief":
+            self.coordinator = tf.distribute.coordinator.ClusterCoordinator(self.native)
+            self._finished = False
+            atexit.register(self.finish)
+            return
+        # the chief's Abort op ends this process when all is well; the watch
+        # notices a chief that died
+        self.serve_in_background(PeerWatch(self, _ChiefProbe(spec["chief"][0], timeout)).start())
+
+    def _start_server(self, spec):
+        """The chief's ParameterServerStrategy (which starts its server), or
+        this worker's or server's `tf.distribute.Server`."""
         if self.role == "chief":
             resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
                 tf.train.ClusterSpec(spec), task_type="chief", task_id=0, rpc_layer="grpc")
             self.native = tf.distribute.experimental.ParameterServerStrategy(resolver)
-            self.coordinator = tf.distribute.coordinator.ClusterCoordinator(self.native)
-            self._finished = False
-            atexit.register(self.finish)
             return
         workers = len(spec.get("worker", []))
         config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=workers + 1,
@@ -93,18 +104,16 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
         self._server = tf.distribute.Server(tf.train.ClusterSpec(spec), job_name=self.role,
                                             task_index=self.worker_index, protocol="grpc",
                                             config=config, start=True)
-        # the chief's Abort op ends this process when all is well; the watch
-        # notices a chief that died
-        self.serve_in_background(PeerWatch(self, _ChiefProbe(spec["chief"][0], timeout)).start())
 
-    def _cluster_dict(self):
-        """`{"chief": [...], "worker": [...], "ps": [...]}` addresses."""
+    def _cluster_dict(self, reservation):
+        """`{"chief": [...], "worker": [...], "ps": [...]}` addresses; ours
+        on `reservation`'s port when the cluster gives only the coordinator."""
         cluster = self.cluster
         if cluster.tf_cluster is not None:
             return {k: v for k, v in cluster.tf_cluster.items() if k in ("chief", "worker", "ps")}
         processes = cluster.world_size + cluster.num_ps
         addresses = exchange_addresses(own_coordinator(cluster), cluster.process_index, processes,
-                                       free_port(), self.timeout)
+                                       reservation.port, self.timeout)
         workers = cluster.world_size
         return {"chief": addresses[:1], "worker": addresses[1:workers], "ps": addresses[workers:]}
 

@@ -36,6 +36,63 @@ def free_port(host="127.0.0.1"):
         return sock.getsockname()[1]
 
 
+class PortReservation:
+    """A TCP port held for a server that starts later, in this process or a child.
+
+    `free_port` answers a port that is free *now*; between that answer and the
+    server's bind, any other socket on the machine may take it (a connection
+    to anywhere gets its local port from the same range), and the server then
+    fails to start ("Could not start gRPC server", "address already in use").
+    A reservation keeps the port bound, with `SO_REUSEADDR` and not listening,
+    until `close()`: the kernel gives it to no `bind(("", 0))` and no outgoing
+    connection, while a server that binds it with `SO_REUSEADDR` (gRPC, for
+    TensorFlow and JAX; torch's `TCPStore`; our rendezvous) starts beside it.
+
+    Attributes:
+        host: the address bound.
+        port: the port held (int).
+
+    Example:
+    >>> with reserve_port() as reservation:
+    ...     0 < reservation.port < 65536
+    True
+    """
+
+    def __init__(self, host="127.0.0.1"):
+        family, sockaddr = _bind_address(host, 0)
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind(sockaddr)
+        except OSError:
+            self._socket.close()
+            raise
+        self.host = host
+        self.port = self._socket.getsockname()[1]
+
+    def close(self):
+        """Lets the port go (once the server that uses it has started)."""
+        self._socket.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def reserve_port(host="127.0.0.1"):
+    """Returns a `PortReservation`: a free port, held until its `close()`.
+
+    Args:
+        host: the address to hold the port on, `"127.0.0.1"` by default.
+
+    Returns:
+        A `PortReservation`; its `port` is the number to give the server.
+    """
+    return PortReservation(host)
+
+
 def port_in_use(host, port):
     """Says whether something on this machine already holds `host:port`.
 
