@@ -17,12 +17,29 @@ def test_chunks_make_up_the_global_batch_in_rank_order():
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
 
 
-def test_each_example_once_per_epoch_and_same_step_count():
+def test_each_example_once_per_epoch_in_order_and_same_step_count():
     n, batch, world = 69, 16, 2
-    parts = [data.worker_indices(n, batch, r, world) for r in range(world)]
-    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
-    steps = [len(range(0, len(p), batch // world)) for p in parts]
-    assert steps[0] == steps[1] == 5
+    x = np.arange(n, dtype="float32")[:, None]
+    shards = [data.shard_input(x, np.arange(n), None, batch, False, r, world, "MultiWorkerMirrored(...)")[0]
+              for r in range(world)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    batches = [[s[i] for i in range(len(s))] for s in shards]
+    # step i of every worker makes up global batch i, in rank order
+    seen = [int(v) for i in range(5) for r in range(world) for v in batches[r][i][1]]
+    assert seen == list(range(n))
+    assert all(np.array_equal(b[0][:, 0], b[1]) for part in batches for b in part)
+
+
+def test_an_unshuffled_share_is_views_of_the_input_not_a_copy():
+    """A worker's share of in-memory arrays was copied whole before each fit
+    (peak memory 1.11x the hand-written DDP loop's on 2 processes)."""
+    x = np.random.default_rng(0).random((64, 3), dtype="float32")
+    y = np.arange(64)
+    weights = np.ones(64, "float32")
+    shard, *_ = data.shard_input(x, y, weights, 16, False, 1, 2, "MultiWorkerMirrored(...)")
+    bx, by, bw = shard[2]
+    np.testing.assert_array_equal(bx, x[40:48])
+    assert np.shares_memory(bx, x) and np.shares_memory(by, y) and np.shares_memory(bw, weights)
 
 
 def test_global_shuffle_changes_every_epoch_and_covers_everything():

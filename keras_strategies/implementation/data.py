@@ -52,28 +52,6 @@ def take(structure, indices):
     return keras.tree.map_structure(lambda a: np.asarray(a)[indices], structure)
 
 
-def worker_indices(num_examples, global_batch, rank, world, order=None):
-    """Indices of the examples worker `rank` sees, in its step order.
-
-    Args:
-        num_examples: examples in the (global) dataset.
-        global_batch: the global batch size.
-        rank: this worker's index.
-        world: number of workers.
-        order: optional permutation of `range(num_examples)` (a shuffle).
-
-    Returns:
-        A numpy int array.
-    """
-    order = np.arange(num_examples) if order is None else np.asarray(order)
-    parts = []
-    for start in range(0, num_examples, global_batch):
-        size = min(global_batch, num_examples - start)
-        lo, hi = chunk_bounds(size, rank, world)
-        parts.append(order[start + lo:start + hi])
-    return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.int64)
-
-
 def check_splittable(num_examples, global_batch, world, strategy):
     """Every worker needs at least one example of every global batch."""
     last = num_examples % global_batch or global_batch
@@ -86,24 +64,32 @@ def check_splittable(num_examples, global_batch, world, strategy):
         )
 
 
+def _host_arrays(structure):
+    """`structure`'s leaves as numpy arrays (numpy ones as they are, no copy)."""
+    if structure is None:
+        return None
+    return keras.tree.map_structure(np.asarray, structure)
+
+
 class ShuffledShards(keras.utils.PyDataset):
     """One worker's share of in-memory arrays, reshuffled globally each epoch.
 
     Every worker draws the same permutation (seeded by `seed` and the epoch),
-    so together they still see each example once per epoch.
+    so together they still see each example once per epoch. With
+    `shuffle=False` the examples keep their order and each batch is a slice
+    of the arrays given (a view: the worker's share is never copied whole).
     """
 
-    def __init__(self, x, y, sample_weight, global_batch, rank, world, seed):
+    def __init__(self, x, y, sample_weight, global_batch, rank, world, seed, shuffle=True):
         super().__init__()
-        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.x, self.y, self.sample_weight = (_host_arrays(a) for a in (x, y, sample_weight))
         self.global_batch, self.rank, self.world = global_batch, rank, world
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.shuffle = seed, 0, shuffle
         self.n = _num_examples(x)
         self._reindex()
 
     def _reindex(self):
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
-        self.order = order
+        self.order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else None
 
     def __len__(self):
         return math.ceil(self.n / self.global_batch)
@@ -112,7 +98,7 @@ class ShuffledShards(keras.utils.PyDataset):
         start = index * self.global_batch
         size = min(self.global_batch, self.n - start)
         lo, hi = chunk_bounds(size, self.rank, self.world)
-        idx = self.order[start + lo:start + hi]
+        idx = slice(start + lo, start + hi) if self.order is None else self.order[start + lo:start + hi]
         x, y, weights = (take(a, idx) for a in (self.x, self.y, self.sample_weight))
         if weights is not None:
             return x, y, weights
@@ -180,12 +166,9 @@ def shard_input(x, y, sample_weight, batch_size, shuffle, rank, world, strategy,
             )
         n = _num_examples(x)
         check_splittable(n, global_batch, world, strategy)
-        local_batch = global_batch // world
-        if shuffle and shuffle != "batch":
-            data = ShuffledShards(x, y, sample_weight, global_batch, rank, world, seed)
-            return data, None, None, None, False
-        idx = worker_indices(n, global_batch, rank, world)
-        return take(x, idx), take(y, idx), take(sample_weight, idx), local_batch, False
+        data = ShuffledShards(x, y, sample_weight, global_batch, rank, world, seed,
+                              shuffle=bool(shuffle) and shuffle != "batch")
+        return data, None, None, None, False
     if isinstance(x, keras.utils.PyDataset):
         return BatchChunks(x, rank, world), y, sample_weight, batch_size, shuffle
     chunked = _chunk_framework_dataset(x, rank, world)
