@@ -12,6 +12,7 @@ import pytest
 from keras_strategies.cluster import ClusterError, ClusterSpec, resolve_cluster
 from keras_strategies.cluster.slurm import expand_hostlist as _expand_hostlist
 from keras_strategies.errors import StrategyError
+from keras_strategies.launch import ports
 from keras_strategies.launch.ports import free_port, port_in_use, reserve_port
 
 pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
@@ -281,6 +282,22 @@ def test_ports():
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         assert port_in_use("127.0.0.1", sock.getsockname()[1])
+
+
+def test_a_quiet_port_is_free_and_below_the_range_the_kernel_hands_out(monkeypatch):
+    """The launcher's port for rank 0 (full benchmark run: one run lost to a
+    port another socket took before TensorFlow's server bound it)."""
+    span = ports._ephemeral_range()
+    for _ in range(20):
+        port = ports.quiet_port()
+        assert not port_in_use("127.0.0.1", port)
+        if span is not None and span[0] > 21000:  # Linux: 32768
+            assert 20000 <= port < span[0]
+    monkeypatch.setattr(ports, "_ephemeral_range", lambda: (1024, 65535))  # no room below: free_port's answer
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(ports, "free_port", lambda host="127.0.0.1": busy.getsockname()[1])
+        assert ports.quiet_port() == busy.getsockname()[1]
 
 
 def test_a_reserved_port_is_held_until_closed_and_a_server_starts_beside_it():

@@ -1,6 +1,7 @@
 """TCP port helpers for the cluster description and the launcher (no backend import)."""
 
 import errno
+import random
 import socket
 
 
@@ -36,8 +37,56 @@ def free_port(host="127.0.0.1"):
         return sock.getsockname()[1]
 
 
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+_QUIET_PORTS_FROM = 20000  # the lowest port `quiet_port` picks
+
+
+def _ephemeral_range():
+    """`(first, last)` of the ports the kernel hands out by itself (outgoing
+    connections, `bind(("", 0))`), or `None` where it cannot be read."""
+    try:
+        with open(_EPHEMERAL_RANGE_FILE) as f:
+            first, last = (int(v) for v in f.read().split())
+        return first, last
+    except (OSError, ValueError):
+        return None
+
+
+def quiet_port(host="127.0.0.1", attempts=100):
+    """Returns a free TCP port for a server that another process starts later.
+
+    `free_port`'s answer comes from the kernel's ephemeral range, the range
+    every outgoing connection takes its local port from: in the seconds
+    before the other process binds it, any connection on the machine may get
+    it, and that server then fails to start ("address already in use",
+    "Could not start gRPC server"). This picks a free port below that range
+    (20000 up to its start; Linux: 32768), which the kernel never hands out by
+    itself, so only an explicit bind of the same number can take it. Where
+    the range cannot be read or leaves no room below it, `free_port(host)`.
+
+    Args:
+        host: the address to check the port on, `"127.0.0.1"` by default.
+        attempts: random ports tried before falling back to `free_port`.
+
+    Returns:
+        A port number (int).
+
+    Example:
+    >>> 0 < quiet_port() < 65536
+    True
+    """
+    span = _ephemeral_range()
+    if span is not None and span[0] - _QUIET_PORTS_FROM >= 1000:
+        generator = random.SystemRandom()
+        for _ in range(attempts):
+            port = generator.randrange(_QUIET_PORTS_FROM, span[0])
+            if not port_in_use(host, port):
+                return port
+    return free_port(host)
+
+
 class PortReservation:
-    """A TCP port held for a server that starts later, in this process or a child.
+    """A TCP port held for a server that this process starts later.
 
     `free_port` answers a port that is free *now*; between that answer and the
     server's bind, any other socket on the machine may take it (a connection
@@ -47,6 +96,8 @@ class PortReservation:
     until `close()`: the kernel gives it to no `bind(("", 0))` and no outgoing
     connection, while a server that binds it with `SO_REUSEADDR` (gRPC, for
     TensorFlow and JAX; torch's `TCPStore`; our rendezvous) starts beside it.
+    A server binding without `SO_REUSEADDR` would fail: hold a port only for
+    a server of known make (for another process's, see `quiet_port`).
 
     Attributes:
         host: the address bound.

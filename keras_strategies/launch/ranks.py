@@ -14,7 +14,7 @@ from keras_strategies.cluster.rendezvous import agree_nodes
 from keras_strategies.cluster.spec import split_address
 from keras_strategies.errors import ClusterError, LaunchError
 from keras_strategies.launch.job import Job, say
-from keras_strategies.launch.ports import port_in_use, reserve_port
+from keras_strategies.launch.ports import port_in_use, quiet_port
 
 RENDEZVOUS_TIMEOUT = 300.0  # seconds the machines' launchers have to meet (--rendezvous-timeout)
 _XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -80,9 +80,7 @@ def rank_thread_settings(nproc_per_node, environ=None, cpu_count=None):
 
 
 def _resolve_master(master, nnodes, node_rank):
-    """`(addr, port, reservation)` of rank 0's rendezvous, checked; a port
-    picked here comes held (`PortReservation`) until the job ends, else
-    `None`."""
+    """`(addr, port)` of rank 0's rendezvous, checked."""
     if master is None:
         if nnodes > 1:
             raise LaunchError(
@@ -90,8 +88,7 @@ def _resolve_master(master, nnodes, node_rank):
                 "node 0 and a free port there, the same on every node (e.g. "
                 "--master 10.0.0.1:29500)."
             )
-        reservation = reserve_port("127.0.0.1")
-        return "127.0.0.1", reservation.port, reservation
+        return "127.0.0.1", quiet_port("127.0.0.1")  # stays free until rank 0 binds it
     try:
         addr, port = split_address(master, "--master")
     except ClusterError as error:
@@ -102,7 +99,7 @@ def _resolve_master(master, nnodes, node_rank):
             "(node 0, where rank 0 listens): pick a free port, or stop what "
             f"holds {port}."
         )
-    return addr, port, None
+    return addr, port
 
 
 def _check_options(command, nproc_per_node, nnodes, node_rank, timeout, rendezvous_timeout=RENDEZVOUS_TIMEOUT):
@@ -173,18 +170,13 @@ def launch(command, nproc_per_node=1, nnodes=1, node_rank=0, master=None, env=No
     _check_options(command, nproc_per_node, nnodes, node_rank, timeout, rendezvous_timeout)
     _check_num_ps(num_ps, None if nnodes > 1 else nproc_per_node)
     base = _base_environment(env)
-    addr, port, reservation = _resolve_master(master, nnodes, node_rank)
+    addr, port = _resolve_master(master, nnodes, node_rank)
     master = f"{addr}:{port}"
-    try:  # the port picked stays held until rank 0's server has it (see PortReservation)
-        ranks, world_size = ranks_of_this_machine(master, node_rank, nnodes, nproc_per_node, rendezvous_timeout,
-                                                  num_ps)
-        _check_num_ps(num_ps, world_size)
-        environments, labels, workers = _rank_environments(base, ranks, world_size, nproc_per_node, node_rank,
-                                                           master, num_ps)
-        return Job(command, environments, prefix_output, labels, expendable=workers).run(timeout)
-    finally:
-        if reservation is not None:
-            reservation.close()
+    ranks, world_size = ranks_of_this_machine(master, node_rank, nnodes, nproc_per_node, rendezvous_timeout, num_ps)
+    _check_num_ps(num_ps, world_size)
+    environments, labels, workers = _rank_environments(base, ranks, world_size, nproc_per_node, node_rank, master,
+                                                       num_ps)
+    return Job(command, environments, prefix_output, labels, expendable=workers).run(timeout)
 
 
 def _rank_environments(base, ranks, world_size, nproc_per_node, node_rank, master, num_ps):
