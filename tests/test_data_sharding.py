@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import keras_strategies as ks
+from conftest import BACKEND
 from keras_strategies.implementation import data
 
 pytestmark = pytest.mark.in_process  # one process only: may run beside another backend's (tests/run_all.py)
@@ -40,6 +41,31 @@ def test_an_unshuffled_share_is_views_of_the_input_not_a_copy():
     bx, by, bw = shard[2]
     np.testing.assert_array_equal(bx, x[40:48])
     assert np.shares_memory(bx, x) and np.shares_memory(by, y) and np.shares_memory(bw, weights)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch backend's batch conversion (backends/torch/base.py)")
+def test_torch_batches_share_the_input_and_keep_the_dtype_keras_gives_them():
+    """Keras's torch convert_to_tensor copied every numpy batch (np.array)
+    before torch saw it; a tensor sharing the input's memory passes through."""
+    import torch
+    from keras.src.backend.torch.core import convert_to_tensor
+
+    from keras_strategies.backends.torch.base import host_tensor
+
+    x = np.random.default_rng(0).random((64, 3), dtype="float32")
+    y = np.arange(64, dtype="int32")
+    shard, *_ = data.shard_input(x, y, None, 16, False, 1, 2, "MultiWorkerMirrored(...)", convert=host_tensor)
+    bx, by = shard[2]
+    assert isinstance(bx, torch.Tensor) and isinstance(by, torch.Tensor)
+    for batch, source in ((bx, x), (by, y)):
+        converted = convert_to_tensor(batch)
+        assert np.shares_memory(converted.numpy(), source)
+        assert converted.dtype == convert_to_tensor(np.array(source[:1])).dtype
+    np.testing.assert_array_equal(bx.numpy(), x[40:48])
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    for kept in (read_only, x[::-1], x.astype("uint32")):  # Keras converts these itself
+        assert host_tensor(kept) is kept
 
 
 def test_global_shuffle_changes_every_epoch_and_covers_everything():

@@ -45,6 +45,7 @@ def train(fused, optimizer_fn, folded, steps=40):
 
 
 OPTIMIZERS = {
+    "plain": lambda: keras.optimizers.SGD(0.05),
     "momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
     "nesterov": lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
     "schedule_decay": lambda: keras.optimizers.SGD(
@@ -66,24 +67,26 @@ def test_only_plain_sgd_is_fused_and_the_count_is_folded_only_when_nothing_reads
 
     assert fused_sgd.supports(keras.optimizers.SGD(momentum=0.9))
     assert fused_sgd.supports(keras.optimizers.SGD(momentum=0.9, nesterov=True))
-    assert not fused_sgd.supports(keras.optimizers.SGD())  # Keras's one _foreach_add_ is faster
+    assert fused_sgd.supports(keras.optimizers.SGD())  # Keras's _foreach_add_, the count folded in
     assert not fused_sgd.supports(keras.optimizers.Adam())
     assert not fused_sgd.supports(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     for kwargs, folds in [({}, True), ({"clipnorm": 1.0}, False), ({"clipvalue": 1.0}, False),
-                          ({"global_clipnorm": 1.0}, False), ({"gradient_accumulation_steps": 2}, False)]:
-        optimizer = keras.optimizers.SGD(momentum=0.9, **kwargs)
+                          ({"global_clipnorm": 1.0}, False), ({"gradient_accumulation_steps": 2}, False),
+                          ({"momentum": 0.0}, True), ({"momentum": 0.0, "clipnorm": 1.0}, False)]:
+        optimizer = keras.optimizers.SGD(**{"momentum": 0.9, **kwargs})
         assert not fused_sgd.folds_count(optimizer, model.trainable_variables)  # not active
         with fused_sgd.fused_sgd(optimizer):
             assert fused_sgd.folds_count(optimizer, model.trainable_variables) == folds, kwargs
 
 
-def test_multi_worker_uses_it_and_matches_plain_keras(monkeypatch):
+@pytest.mark.parametrize("name", ["momentum", "plain"])
+def test_multi_worker_uses_it_and_matches_plain_keras(monkeypatch, name):
     import keras_strategies as ks
     from keras_strategies.backends.torch import fused_sgd
 
     calls = counting_fused_steps(monkeypatch, fused_sgd)
-    make = OPTIMIZERS["momentum"]
+    make = OPTIMIZERS[name]
     got = fit(ks.MultiWorkerMirrored(), epochs=6, optimizer=make())  # one process here: the same update code
     assert len(calls) == 6 * 16
     calls.clear()

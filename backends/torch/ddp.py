@@ -49,10 +49,10 @@ class DataParallelStep:
         self.local_count = 0  # this worker's examples in the current step
         self.moments_weight = 1.0  # see batchnorm.CountWeightedSum
         self.in_custom_step = False
-        self.metric_variables = None  # metric state the last bucket carries
-        self.metric_cache = None  # (versions, reduced state) from that bucket
-        self.global_count = None  # summed example counts, from that bucket
-        self._packed = None  # the last bucket's all-reduce buffer (`_packed_buffer`)
+        self.metric_variables = None  # metric state the all-reduce carries
+        self.metric_cache = None  # (versions, reduced state) from it
+        self.global_count = None  # summed example counts, carried in the all-reduce
+        self._carried_versions = None  # metric_versions of the carried state
 
     def sync_weights(self, model):
         """Rank 0's model, optimizer and metric state, to every worker."""
@@ -61,11 +61,14 @@ class DataParallelStep:
                 dist.broadcast(variable._value.data, src=0)
 
     def _ddp_for(self, model):
+        """DDP over `model` and this step's carrier (`_Carried`), made once."""
         wrapper = self._ddp.get(id(model))
         if wrapper is None:
+            metrics = reduced_metric_variables(model)
+            size = 1 + (flat_metric_state(metrics, torch.float32).numel() if metrics else 0)
             # Keras keeps every variable as a Parameter (no buffers to sync).
             wrapper = DistributedDataParallel(
-                model,
+                _Carried(model, size, self.device),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True,  # no copy between gradients and buckets
             )
@@ -74,48 +77,45 @@ class DataParallelStep:
             self._ddp[id(model)] = wrapper
         return wrapper
 
+    def _comm_hook(self, state, bucket):
+        """Every bucket summed in place; the division by the summed example
+        count comes once backward is done (`_apply_average`)."""
+        return self._group.allreduce([bucket.buffer()]).get_future().then(lambda done: done.value()[0])
+
     # One collective per step. DDP's gradient all-reduce also carries this
     # worker's example count (the loss was multiplied by it, so the sum over
     # workers divided by the summed counts is the global batch's gradient,
     # exact for an uneven last batch) and the metric state (totals and
     # counts), so every worker's logs are global without collectives of their
     # own. Profiled on 2 CPU processes: the two extra collectives were ~19% of
-    # a step, and each one is a sync point. Only the last bucket carries them:
-    # the others are summed in place (no copies), and the gradients are
-    # divided by the summed count once backward is done (`_apply_average`).
-    def _comm_hook(self, state, bucket):
-        buffer = bucket.buffer()
-        if not bucket.is_last():
-            return self._group.allreduce([buffer]).get_future().then(lambda done: done.value()[0])
+    # a step, and each one is a sync point. They ride as the gradient of the
+    # carrier, a parameter of ours that holds zeros: the loss gets
+    # `dot(carrier, payload)` added, which is 0 and adds nothing to any other
+    # gradient, and whose gradient is `payload`; DDP sums it with the rest.
+    # (Before, the last bucket was copied into a longer buffer with the
+    # payload appended and copied back: two copies of the whole bucket.)
+    def _carry(self, carrier, loss):
+        """`loss` with the payload's term added; notes what it carries."""
         metrics = self.metric_variables
-        metric_state = flat_metric_state(metrics, buffer.dtype) if metrics else buffer.new_empty(0)
+        parts = [torch.full((1,), float(self.local_count), dtype=carrier.dtype, device=carrier.device)]
+        versions = None
         if metrics:
-            versions = metric_versions(metrics)
-        size = buffer.numel()
-        packed = self._packed_buffer(size + 1 + metric_state.numel(), buffer)
-        packed[:size].copy_(buffer)
-        packed[size] = float(self.local_count)
-        packed[size + 1:].copy_(metric_state)
-        future = self._group.allreduce([packed]).get_future()
+            state = [v.value.detach().reshape(-1) for v in metrics]
+            if sum(t.numel() for t in state) + 1 == carrier.numel():
+                parts += [t if t.dtype == carrier.dtype else t.to(carrier.dtype) for t in state]
+                versions = metric_versions(metrics)
+        if versions is None and carrier.numel() > 1:  # the metric state changed size: not carried
+            parts.append(carrier.new_zeros(carrier.numel() - 1))
+        self._carried_versions = versions
+        carrier.grad = None  # DDP makes it a view of its bucket again
+        return loss + torch.dot(carrier, torch.cat(parts) if len(parts) > 1 else parts[0])
 
-        def unpack(done):
-            total = done.value()[0]  # `packed`, reused next step: nothing keeps a view of it
-            self.global_count = total[size].clone()
-            if metrics:
-                self.metric_cache = (versions, total[size + 1:].clone())
-            return buffer.copy_(total[:size])
-
-        return future.then(unpack)
-
-    def _packed_buffer(self, numel, like):
-        """The last bucket's all-reduce buffer, kept from step to step: a new
-        one each step (`torch.cat`) was a fresh allocation of the gradients'
-        size, which the allocator hands back to the kernel and page-faults in
-        again at every step."""
-        packed = self._packed
-        if packed is None or packed.numel() != numel or packed.dtype != like.dtype or packed.device != like.device:
-            packed = self._packed = like.new_empty(numel)
-        return packed
+    def _take_carried(self, carrier):
+        """After backward: the summed count, and the summed metric state."""
+        total = carrier.grad.clone()  # the grad is a view of DDP's bucket, reused next step
+        self.global_count = total[0]
+        if self._carried_versions is not None:
+            self.metric_cache = (self._carried_versions, total[1:])
 
     def _apply_average(self, optimizer, gradients, weights):
         """Summed count-weighted gradients -> the global batch's gradient,
@@ -123,7 +123,7 @@ class DataParallelStep:
         the division in (`fused_sgd.folds_count`)."""
         count, self.global_count = self.global_count, None
         if count is None:
-            raise RuntimeError("keras_strategies: DDP's last bucket did not carry the example count")
+            raise RuntimeError("keras_strategies: DDP's all-reduce did not carry the example count")
         if fused_sgd.folds_count(optimizer, weights):
             with fused_sgd.dividing_by(count):
                 return optimizer.apply(gradients, weights)
@@ -140,6 +140,7 @@ class DataParallelStep:
             self.local_count = batch_size(data)
             x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
             ddp = self._ddp_for(model)
+            carrier = ddp.module.carrier
             if model._call_has_training_arg:
                 y_pred = ddp(x, training=True)
             else:
@@ -154,17 +155,18 @@ class DataParallelStep:
                 model._loss_tracker.update_state(loss, sample_weight=self.local_count)
             weights = model.trainable_weights  # a fresh list, walked once a step
             fused = default_metrics and bool(weights)
-            if fused:  # before backward, so the last bucket carries the new state
+            if fused:  # before backward, so the all-reduce carries the new state
                 if model._compile_metrics is not None:
                     model._compile_metrics.update_state(y, y_pred, sample_weight)
                 self.metric_variables = reduced_metric_variables(model)
             if model.optimizer is not None:
                 loss = model.optimizer.scale_loss(loss)
-            loss = loss * float(self.local_count)  # see _comm_hook
+            loss = loss * float(self.local_count)  # see _carry
             self.moments_weight = 1.0
             try:
                 if weights:
-                    loss.backward()  # DDP weights and all-reduces (the comm hook)
+                    self._carry(carrier, loss).backward()  # DDP all-reduces (the comm hook)
+                    self._take_carried(carrier)
                     gradients = [v.value.grad for v in weights]
                     with torch.no_grad():
                         self._apply_average(model.optimizer, gradients, weights)
@@ -229,3 +231,23 @@ class DataParallelStep:
                 apply = self.all_reducing_apply(optimizer.apply)
                 stack.enter_context(overriding(optimizer, "apply", apply, "torch-ddp-step"))
             yield
+
+
+class _Carried(torch.nn.Module):
+    """What DDP wraps: the Keras model, and the carrier, a parameter of ours
+    whose gradient is the step's example count and metric state
+    (`DataParallelStep._carry`). It holds zeros and is never updated.
+
+    Args:
+        model: the Keras model (a `torch.nn.Module` under the torch backend).
+        size: the carrier's length: 1 + the metric state's.
+        device: this worker's device.
+    """
+
+    def __init__(self, model, size, device):
+        super().__init__()
+        self.model = model
+        self.carrier = torch.nn.Parameter(torch.zeros(size, device=device))
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)

@@ -33,7 +33,10 @@ def float32_mean_state(metric):
     loss tracker; None for any other metric."""
     if type(metric) is not Mean or metric.dtype != "float32":
         return None
-    total, count = metric.total.value, metric.count.value
+    # the tensors themselves (as `global_metrics` swaps them): `.value`'s
+    # autocast and stateless-scope checks (about 5 us each) change nothing
+    # for a float32 metric outside a layer's call
+    total, count = metric.total._value, metric.count._value
     if total.dtype != torch.float32 or count.dtype != torch.float32:
         return None
     return total, count
@@ -48,8 +51,8 @@ def mean_result(metric):
     if state is None:
         return None
     total, count = state
-    safe_count = torch.where(count == 0, torch.ones_like(count), count)
-    return torch.where(count == 0, 0, torch.divide(total, safe_count))
+    zero = count == 0
+    return torch.where(zero, 0, torch.divide(total, torch.where(zero, 1, count)))
 
 
 def metrics_result(model):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from keras_strategies.backends.torch.base import TorchImplementation, torch_device
+from keras_strategies.backends.torch.base import TorchImplementation, host_tensor, torch_device
 from keras_strategies.backends.torch.batchnorm import global_batch_normalization
 from keras_strategies.backends.torch.ddp import DataParallelStep
 from keras_strategies.backends.torch.fused_adam import fused_adam
@@ -157,7 +157,8 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
 
     def prepare_call(self, model, method, arguments):
         rank, world = self.cluster.rank, self.cluster.world_size
-        return data_lib.shard_call(method, arguments, rank, world, self.strategy, seed=data_lib.shuffle_seed())
+        return data_lib.shard_call(method, arguments, rank, world, self.strategy, seed=data_lib.shuffle_seed(),
+                                   convert=host_tensor)
 
     def all_gather(self, array):
         on = self.native if self.native.type == "cuda" else torch.device("cpu")  # nccl gathers CUDA tensors

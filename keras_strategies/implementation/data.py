@@ -46,10 +46,13 @@ def _num_examples(x):
     return int(keras.tree.flatten(x)[0].shape[0])
 
 
-def take(structure, indices):
+def take(structure, indices, convert=None):
+    """`structure`'s leaves indexed by `indices`, each passed to `convert` if given."""
     if structure is None:
         return None
-    return keras.tree.map_structure(lambda a: np.asarray(a)[indices], structure)
+    if convert is None:
+        return keras.tree.map_structure(lambda a: np.asarray(a)[indices], structure)
+    return keras.tree.map_structure(lambda a: convert(np.asarray(a)[indices]), structure)
 
 
 def check_splittable(num_examples, global_batch, world, strategy):
@@ -78,10 +81,13 @@ class ShuffledShards(keras.utils.PyDataset):
     so together they still see each example once per epoch. With
     `shuffle=False` the examples keep their order and each batch is a slice
     of the arrays given (a view: the worker's share is never copied whole).
+    `convert`, if given, is applied to each array of each batch (a backend's
+    conversion to its own tensors).
     """
 
-    def __init__(self, x, y, sample_weight, global_batch, rank, world, seed, shuffle=True):
+    def __init__(self, x, y, sample_weight, global_batch, rank, world, seed, shuffle=True, convert=None):
         super().__init__()
+        self.convert = convert
         self.x, self.y, self.sample_weight = (_host_arrays(a) for a in (x, y, sample_weight))
         self.global_batch, self.rank, self.world = global_batch, rank, world
         self.seed, self.epoch, self.shuffle = seed, 0, shuffle
@@ -99,7 +105,7 @@ class ShuffledShards(keras.utils.PyDataset):
         size = min(self.global_batch, self.n - start)
         lo, hi = chunk_bounds(size, self.rank, self.world)
         idx = slice(start + lo, start + hi) if self.order is None else self.order[start + lo:start + hi]
-        x, y, weights = (take(a, idx) for a in (self.x, self.y, self.sample_weight))
+        x, y, weights = (take(a, idx, self.convert) for a in (self.x, self.y, self.sample_weight))
         if weights is not None:
             return x, y, weights
         return (x, y) if y is not None else (x,)
@@ -143,7 +149,7 @@ def chunk_batch(batch, rank, world):
     return keras.tree.map_structure(lambda t: t[lo:hi], batch)
 
 
-def shard_input(x, y, sample_weight, batch_size, shuffle, rank, world, strategy, seed=0):
+def shard_input(x, y, sample_weight, batch_size, shuffle, rank, world, strategy, seed=0, convert=None):
     """This worker's part of `fit`/`evaluate` input.
 
     Args:
@@ -153,6 +159,8 @@ def shard_input(x, y, sample_weight, batch_size, shuffle, rank, world, strategy,
         rank, world: this worker and the number of workers.
         strategy: used in error messages.
         seed: the shuffle seed, the same on every worker.
+        convert: applied to each array of each batch of in-memory arrays
+            (`ShuffledShards`), or None.
 
     Returns:
         `(x, y, sample_weight, batch_size, shuffle)` to hand to Keras.
@@ -167,7 +175,7 @@ def shard_input(x, y, sample_weight, batch_size, shuffle, rank, world, strategy,
         n = _num_examples(x)
         check_splittable(n, global_batch, world, strategy)
         data = ShuffledShards(x, y, sample_weight, global_batch, rank, world, seed,
-                              shuffle=bool(shuffle) and shuffle != "batch")
+                              shuffle=bool(shuffle) and shuffle != "batch", convert=convert)
         return data, None, None, None, False
     if isinstance(x, keras.utils.PyDataset):
         return BatchChunks(x, rank, world), y, sample_weight, batch_size, shuffle
@@ -212,7 +220,7 @@ def _chunk_framework_dataset(x, rank, world):
     return None
 
 
-def shard_call(method, arguments, rank, world, strategy, seed=0):
+def shard_call(method, arguments, rank, world, strategy, seed=0, convert=None):
     """Rewrites a fit/evaluate call so this worker gets its part of the data.
 
     `predict` is left whole: every worker predicts every example, so each
@@ -224,6 +232,7 @@ def shard_call(method, arguments, rank, world, strategy, seed=0):
         rank, world: this worker and the number of workers.
         strategy: used in error messages.
         seed: the shuffle seed, the same on every worker.
+        convert: see `shard_input`.
 
     Returns:
         The same `arguments`.
@@ -239,7 +248,7 @@ def shard_call(method, arguments, rank, world, strategy, seed=0):
     global_batch = a.get("batch_size")
     shuffle = a.get("shuffle", True) if method == "fit" else False
     x, y, weights, batch, shuffle = shard_input(
-        x, y, weights, global_batch, shuffle, rank, world, strategy, seed
+        x, y, weights, global_batch, shuffle, rank, world, strategy, seed, convert
     )
     a["x"], a["y"], a["sample_weight"], a["batch_size"] = x, y, weights, batch
     if method == "fit":
@@ -251,7 +260,7 @@ def shard_call(method, arguments, rank, world, strategy, seed=0):
             else:
                 vx, vy, vw = validation, None, None
             vbatch = a.get("validation_batch_size") or global_batch
-            vx, vy, vw, vbatch, _ = shard_input(vx, vy, vw, vbatch, False, rank, world, strategy)
+            vx, vy, vw, vbatch, _ = shard_input(vx, vy, vw, vbatch, False, rank, world, strategy, convert=convert)
             a["validation_data"] = data_adapter_utils.pack_x_y_sample_weight(vx, vy, vw)
             if not is_array_like(vx) and not isinstance(vx, tuple):
                 a["validation_data"] = vx
