@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark harness (benchmarks/run.py) on the current backend,
-and of benchmarks/step_cost.py on torch.
+of benchmarks/step_cost.py on torch and of benchmarks/same_process.py on TensorFlow.
 
 A few steps, the MLP, one strategy, 2 replicas, one A B round: the JSON must hold
 an A (keras_strategies) and a B (native) result with positive throughputs. It
@@ -89,6 +89,25 @@ def test_predict_or_refit_smoke(tmp_path):
     methods = json.loads(out.read_text())["results"][BACKEND]
     assert set(methods) == {"ks_fit", "ks_scope", "native"}
     assert all(m["first_s"] > 0 and m["later_s"] > 0 for m in methods.values()), methods
+
+
+def test_same_process_default_runs_the_same_python_per_step(tmp_path):
+    """benchmarks/same_process.py (TensorFlow: its per-step Python is the
+    same from run to run): `fit(distribution=Default())` makes as many Python
+    calls per step as plain `fit`, and both train."""
+    if BACKEND != "tensorflow":
+        pytest.skip("one backend is enough for the script; TensorFlow's call count per step is exact")
+    out = tmp_path / "same.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "same_process.py"), "--steps", "16", "--batch", "64",
+         "--epochs", "1", "--rounds", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    calls = result["python_calls_per_step"]
+    assert calls["B"] > 100 and abs(calls["A"] - calls["B"]) <= 1, calls
+    assert result["median_A"] > 0 and result["median_B"] > 0 and len(result["paired_ratios"]) == 2
 
 
 @pytest.mark.in_process

@@ -1,0 +1,152 @@
+"""`Default()` and plain Keras `fit` alternating in one process.
+
+    KERAS_BACKEND=tensorflow python benchmarks/same_process.py
+
+`run.py` starts a fresh process for every measured run, so a cell's ratio also
+holds the spread between processes (a TensorFlow process with several
+threads runs a whole run in a fast or a slow mode; the VM's speed drifts).
+Here one process builds two identical models, one trained with
+`fit(distribution=keras_strategies.Default())` (A), one with plain `fit` (B),
+and calls their `fit` in turns, A B B A A B ..., so both run in the
+same process, mode and minute. Each `fit` runs `--epochs` epochs; the first
+`fit` of each method (tracing, compilation) is left out. Prints every epoch,
+the median samples/s of each method, the median of the paired ratios (each A
+fit against the B fit beside it), and the Python function calls per step of
+each (counted, so free of timing noise); `--out` writes them as JSON.
+
+Only `Default` is offered. Two TensorFlow `MirroredStrategy` instances in one
+process share collective keys (backends/tensorflow/local.py), and JAX with two
+host devices aborted in most one-process runs of this VM, plain
+`keras.distribution.DataParallel` too ("Termination timeout for all reduce",
+docs/benchmarks/README.md).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")  # as run.py
+
+from workloads import OPTIMIZERS, build_keras, keras_optimizer, make_data, set_seed  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--workload", default="mlp", choices=["mlp", "cnn", "bn_convnet"])
+parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
+parser.add_argument("--batch", type=int, default=256, help="global batch")
+parser.add_argument("--steps", type=int, default=200, help="steps per epoch")
+parser.add_argument("--epochs", type=int, default=2, help="epochs per fit call")
+parser.add_argument("--rounds", type=int, default=8, help="fit calls per method after the first")
+parser.add_argument("--out", default=None)
+args = parser.parse_args()
+
+BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+elif BACKEND == "torch":
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_strategies as ks  # noqa: E402
+
+strategy = ks.Default()
+x, y = make_data(args.workload, args.steps * args.batch)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._begin = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        float(np.asarray(keras.ops.convert_to_numpy(logs["loss"])))  # the step has finished
+        self.seconds.append(time.perf_counter() - self._begin)
+
+
+def build():
+    set_seed(0)
+    model = build_keras(args.workload)
+    model.compile(optimizer=keras_optimizer(args.optimizer),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+models = {"A": build(), "B": build()}
+
+
+def fit(method, steps=None, epochs=None):
+    timer = EpochTimer()
+    n = (steps or args.steps) * args.batch
+    kwargs = dict(batch_size=args.batch, epochs=epochs or args.epochs, shuffle=False, verbose=0,
+                  callbacks=[timer])
+    if method == "A":
+        models["A"].fit(x[:n], y[:n], distribution=strategy, **kwargs)
+    else:
+        models["B"].fit(x[:n], y[:n], **kwargs)
+    return [n / s for s in timer.seconds]
+
+
+def python_calls_per_step(method, steps):
+    """Python function calls per training step, counted: those of a 1-epoch
+    fit of 2 * `steps` steps less those of one of `steps` steps, per step (what
+    a fit costs once cancels out). No timing noise: equal counts mean our
+    `fit(distribution=...)` runs the very same Python per step."""
+    counts = []
+    for n in (steps, 2 * steps):
+        calls = [0]
+
+        def profile(frame, event, arg):
+            if event == "call":
+                calls[0] += 1
+
+        sys.setprofile(profile)
+        try:
+            fit(method, steps=n, epochs=1)
+        finally:
+            sys.setprofile(None)
+        counts.append(calls[0])
+    return (counts[1] - counts[0]) / steps
+
+
+fit("A"), fit("B")  # tracing and compilation, left out
+calls = {m: python_calls_per_step(m, steps=max(1, min(20, args.steps // 2))) for m in "AB"}
+print(f"Python calls per step: ours {calls['A']:.1f}, native {calls['B']:.1f}", flush=True)
+epochs = {"A": [], "B": []}
+pairs = []
+for r in range(args.rounds):
+    order = "AB" if r % 2 == 0 else "BA"
+    got = {m: fit(m) for m in order}
+    for m in order:
+        epochs[m].extend(got[m])
+        print(f"round {r} {m}: " + " ".join(f"{v:.0f}" for v in got[m]), flush=True)
+    pairs.append(statistics.median(got["A"]) / statistics.median(got["B"]))
+
+result = {
+    "backend": BACKEND, "strategy": "default", "workload": args.workload,
+    "optimizer": args.optimizer, "batch": args.batch, "steps": args.steps, "epochs": args.epochs,
+    "rounds": args.rounds, "samples_per_s": epochs, "python_calls_per_step": calls,
+    "median_A": statistics.median(epochs["A"]), "median_B": statistics.median(epochs["B"]),
+    "paired_ratios": pairs, "median_paired_ratio": statistics.median(pairs),
+}
+print(f"{BACKEND} default {args.workload} {args.optimizer}: "
+      f"ours {result['median_A']:.0f}, native {result['median_B']:.0f} samples/s; "
+      f"ours / native {result['median_A'] / result['median_B']:.3f}; paired ratios "
+      + " ".join(f"{p:.3f}" for p in pairs) + f" (median {result['median_paired_ratio']:.3f})")
+if args.out:
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
