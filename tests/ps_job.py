@@ -23,7 +23,10 @@ parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--epochs", type=int, default=6)
 parser.add_argument("--steps-per-epoch", type=int, default=None)
-parser.add_argument("--mark", default=None, help="EPOCH:STEP at which the chief writes OUT/mark")
+parser.add_argument("--mark", default=None,
+                    help="EPOCH:STEP at which the chief writes OUT/mark (STEP `begin`: at the epoch's start)")
+parser.add_argument("--hold", action="store_true",
+                    help="after writing OUT/mark the chief waits (up to 60 s) for OUT/killed")
 parser.add_argument("--pattern", default="fit_argument")
 parser.add_argument("--backup", action="store_true", help="BackupAndRestore into OUT/user/backup")
 args = parser.parse_args()
@@ -62,15 +65,23 @@ class Progress(keras.callbacks.Callback):
         super().__init__()
         self.by_epoch, self.checksums = [], []
         mark = (args.mark or "-1:-1").split(":")
-        self.mark = (int(mark[0]), int(mark[1]))
+        self.mark = (int(mark[0]), mark[1] if mark[1] == "begin" else int(mark[1]))
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+        if (epoch, "begin") == self.mark:
+            self.write_mark()
 
     def on_train_batch_end(self, batch, logs=None):
         if (self.epoch, batch) == self.mark:
-            with open(os.path.join(args.out, "mark"), "w") as f:
-                f.write(str(time.time()))
+            self.write_mark()
+
+    def write_mark(self):
+        with open(os.path.join(args.out, "mark"), "w") as f:
+            f.write(str(time.time()))
+        deadline = time.monotonic() + 60
+        while args.hold and not os.path.exists(os.path.join(args.out, "killed")) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def on_epoch_end(self, epoch, logs=None):
         self.by_epoch.append({str(k): v for k, v in strategy.steps_by_worker.items()})

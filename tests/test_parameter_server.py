@@ -201,22 +201,28 @@ def test_tf_config_two_servers_and_a_worker_killed_then_restarted(tmp_path):
 
 
 def test_a_lost_parameter_server_ends_every_process_and_the_rerun_resumes_from_the_backup(tmp_path):
-    """The parameter server is killed in epoch 3 of a job with BackupAndRestore:
-    every process ends with a WorkerError naming it; the same job started
-    again resumes after the last backed-up epoch and trains to the end."""
-    with Cluster(tmp_path, 1, 1, "--mark", "2:5", "--epochs", "8", "--backup") as cluster:
+    """The parameter server is killed at the start of epoch 3 of a job with
+    BackupAndRestore, while the chief is in a callback (`--hold`): the chief
+    next meets the lost server in Keras's own callbacks (the learning-rate
+    scheduler), not in a step; every process still ends with a WorkerError
+    naming it; the same job started again resumes after the last backed-up
+    epoch and trains to the end."""
+    with Cluster(tmp_path, 1, 1, "--mark", "2:begin", "--hold", "--epochs", "8", "--backup") as cluster:
         cluster.start_all()
         cluster.wait_for_mark()
         killed = time.monotonic()
         cluster.kill("ps0")
+        open(os.path.join(tmp_path, "killed"), "w").close()
         codes = cluster.wait(timeout=TIMEOUT + 90)
-        assert all(code not in (None, 0) for code in codes.values()), codes
+        assert all(code not in (None, 0) for code in codes.values()), (
+            codes, cluster.output("chief0")[-3000:], cluster.output("worker0")[-2000:])
         assert max(cluster.exited.values()) - killed < TIMEOUT + 60
         chief = cluster.output("chief0")
         assert "WorkerError" in chief and "parameter server 0" in chief, chief[-3000:]
         worker = cluster.output("worker0")
         assert "WorkerError" in worker and "parameter server 0" in worker, worker[-3000:]
     os.remove(os.path.join(tmp_path, "mark"))
+    os.remove(os.path.join(tmp_path, "killed"))
     with Cluster(tmp_path, 1, 1, "--epochs", "8", "--backup") as cluster:
         cluster.start_all()
         codes = cluster.wait()
@@ -225,6 +231,33 @@ def test_a_lost_parameter_server_ends_every_process_and_the_rerun_resumes_from_t
     # epochs 1 and 2 were backed up before the kill: the rerun trains epochs 3..8
     assert len(res["history"]["loss"]) == 6, res["history"]
     assert res["evaluate"]["accuracy"] >= 0.85
+
+
+@pytest.mark.in_process
+def test_what_an_ending_chief_tells_the_others(monkeypatch):
+    """The others exit 0 only when told the job finished: a lost process ends
+    them at once, naming it; a chief whose script ends on an uncaught
+    exception tells them so at its exit; a failed call the script caught
+    and went on from ends nothing."""
+    import keras_strategies as ks
+    from keras_strategies.implementation import parameter_server as ps
+
+    told = []
+    stubs = {name: lambda *args, **kwargs: None for name in ps.ParameterServerImplementation.__abstractmethods__}
+    Chief = type("Chief", (ps.ParameterServerImplementation,),
+                 {**stubs, "finish": lambda self, reason=None: told.append(reason)})
+    chief = object.__new__(Chief)
+    monkeypatch.delattr(sys, "last_value", raising=False)
+    assert chief._lost_process(ValueError("bad input")) is None and told == []  # raised as it is, nothing ends
+    chief.finish_at_exit()
+    assert told == [None]  # the job finished
+    monkeypatch.setattr(sys, "last_value", RuntimeError("boom\nmore"), raising=False)
+    chief.finish_at_exit()
+    assert told[-1] == "the chief's script failed (RuntimeError: boom)"
+    lost = ks.WorkerError("parameter server 0 was lost")
+    assert chief._lost_process(lost) is None and told[-1] == str(lost)  # raised as it is
+    chief.lost_process = lambda error: lost if "connect" in str(error) else None
+    assert chief._lost_process(OSError("failed to connect")) is lost and told[-1] == str(lost)
 
 
 def test_a_dead_chief_ends_the_workers_and_servers(tmp_path):

@@ -24,6 +24,7 @@ from keras_strategies.implementation.multi_process import own_coordinator
 from keras_strategies.implementation.parameter_server import (
     ParameterServerImplementation,
     PeerWatch,
+    describe_error,
     first_batch,
     fit_plan,
     input_fingerprint,
@@ -64,7 +65,7 @@ class RpcParameterServer(ParameterServerImplementation):
         self._finished = False
         if self.role == "chief":
             self.coordinator = chief._coordinator[0] = chief.Coordinator(self)
-            atexit.register(self.finish)
+            atexit.register(self.finish_at_exit)
             return
         self.watch = _watch[0] = PeerWatch(self, lambda: group.alive("chief", timeout=min(10.0, timeout)))
         self.watch.start()
@@ -119,7 +120,6 @@ class RpcParameterServer(ParameterServerImplementation):
 
     def _set_up_servers(self, model, servers):
         import keras
-        import torch.distributed.rpc as rpc
 
         variables = synchronised(model)
         self._pulled = None
@@ -127,24 +127,43 @@ class RpcParameterServer(ParameterServerImplementation):
         optimizer_values = {v.name: group.to_wire(v.value) for v in model.optimizer.variables}
         shares = [[(i, v.path, v.trainable, group.to_wire(v.value)) for i, v in enumerate(variables)
                    if i % len(servers) == j] for j in range(len(servers))]
-        calls = [rpc.rpc_async(name, server.setup, args=(share, config), timeout=self.timeout)
-                 for name, share in zip(servers, shares)]
-        names = [call.wait() for call in calls]
-        calls = [rpc.rpc_async(name, server.load, args=({n: optimizer_values[n] for n in wanted
-                                                          if n in optimizer_values},), timeout=self.timeout)
-                 for name, wanted in zip(servers, names)]
-        for call in calls:
-            call.wait()
+        names = self.on_servers(server.setup, [(share, config) for share in shares])
+        self.on_servers(server.load, [({n: optimizer_values[n] for n in wanted if n in optimizer_values},)
+                                      for wanted in names])
 
-    def push_settings(self, model):
+    def on_servers(self, function, arguments=None):
+        """`function` run on every parameter server (with `arguments[i]` on
+        server i; none when `None`); their answers in server order. A server
+        that cannot be reached ends the job with a `WorkerError` naming it."""
         import torch.distributed.rpc as rpc
 
+        names = group.server_names(self.cluster)
+        calls, name = [], None
+        try:
+            for name, args in zip(names, arguments or [()] * len(names)):
+                calls.append(rpc.rpc_async(name, function, args=args, timeout=self.timeout))
+            answers = []
+            for name, call in zip(names, calls):
+                answers.append(call.wait())
+            return answers
+        except Exception as error:  # noqa: BLE001 - re-raised
+            if "On WorkerInfo(" in str(error):
+                raise  # the server answered with its own exception: it is not lost
+            raise self._server_lost(name, error) from error
+
+    def _server_lost(self, name, error):
+        lost = WorkerError(
+            f"ParameterServer on the {self.backend} backend: parameter server {name[2:]} ({name}) was lost: "
+            f"the chief could not reach it ({describe_error(error)}). Its variables are gone; rerun the job "
+            "(with BackupAndRestore it resumes from the last backup)."
+        )
+        self.finish(str(lost))
+        return lost
+
+    def push_settings(self, model):
         settings = {v.name: group.to_wire(v.value) for v in model.optimizer.variables
                     if len(v.shape) == 0 and v.name not in ("iteration", "iterations")}
-        calls = [rpc.rpc_async(name, server.load, args=(settings,), timeout=self.timeout)
-                 for name in group.server_names(self.cluster)]
-        for call in calls:
-            call.wait()
+        self.on_servers(server.load, [(settings,)] * self.num_ps)
 
     def schedule(self, step_id):
         self.coordinator.schedule(step_id)
@@ -157,11 +176,8 @@ class RpcParameterServer(ParameterServerImplementation):
             raise
 
     def pull(self, model):
-        import torch.distributed.rpc as rpc
-
         variables = synchronised(model)
-        names = group.server_names(self.cluster)
-        states = [rpc.rpc_sync(name, server.state, timeout=self.timeout) for name in names]
+        states = self.on_servers(server.state)
         versions = [version for _, _, version in states]
         if versions == self._pulled:
             return  # nothing applied since: the chief's values stand (after fit, `use_ema`'s averages)
@@ -176,16 +192,10 @@ class RpcParameterServer(ParameterServerImplementation):
 
     def updates_applied(self):
         """The updates every parameter server has applied."""
-        import torch.distributed.rpc as rpc
-
-        return min(rpc.rpc_sync(name, server.updates, timeout=self.timeout)
-                   for name in group.server_names(self.cluster))
+        return min(self.on_servers(server.updates))
 
     def variables_by_server(self, model):
-        import torch.distributed.rpc as rpc
-
-        return [rpc.rpc_sync(name, server.holdings, timeout=self.timeout)
-                for name in group.server_names(self.cluster)]
+        return self.on_servers(server.holdings)
 
     def finish(self, reason=None):
         """Chief: tells every other process the job is over, once, and leaves."""

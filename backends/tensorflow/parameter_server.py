@@ -70,6 +70,11 @@ class _ChiefProbe:
         return not self.seen and time.monotonic() < self.deadline
 
 
+# the engine's errors when a task of the cluster is gone
+_LOST = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+         tf.errors.DeadlineExceededError)
+
+
 class TFParameterServer(ParameterServerImplementation, TFImplementation):
     """ParameterServer on TensorFlow."""
 
@@ -84,7 +89,7 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
         if self.role == "chief":
             self.coordinator = tf.distribute.coordinator.ClusterCoordinator(self.native)
             self._finished = False
-            atexit.register(self.finish)
+            atexit.register(self.finish_at_exit)
             return
         # the chief's Abort op ends this process when all is well; the watch
         # notices a chief that died
@@ -248,8 +253,7 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
             self.coordinator.join()
             totals, most = self._totals.numpy(), self._maxima.numpy()
             self._maxima.assign(tf.zeros_like(most))  # the next epoch's
-        except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
-                tf.errors.DeadlineExceededError) as error:
+        except _LOST as error:
             raise self._server_lost(error) from error
         (updates, staleness), self._seen = (totals - self._seen).T, totals
         return [StepResult(worker=w, staleness=int(staleness[w]), count=int(updates[w]), max_staleness=int(most[w]))
@@ -265,6 +269,11 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
                 if address in text:
                     return job, index
         return None, None
+
+    def lost_process(self, error):
+        # the chief also reads and writes the servers' variables outside a
+        # step: Keras's callbacks (the learning rate), checkpoints, evaluation
+        return self._server_lost(error) if isinstance(error, _LOST) else None
 
     def _server_lost(self, error):
         text = str(error)

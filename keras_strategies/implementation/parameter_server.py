@@ -310,6 +310,24 @@ class ParameterServerImplementation(MultiProcessImplementation):
     def end_fit(self, model):
         """Chief: after the last epoch of a fit."""
 
+    @abc.abstractmethod
+    def finish(self, reason=None):
+        """Chief: ends every other process of the job, once: with exit code 0
+        (`reason` `None`: the job finished) or with a `WorkerError` giving
+        `reason`."""
+
+    def lost_process(self, error):
+        """Chief: the `WorkerError` for an engine error that means a process of
+        the job is gone (having called `finish` with it), or `None`."""
+        return None
+
+    def finish_at_exit(self):
+        """Registered with `atexit` by the chief: `finish`, with an error for
+        the others when the chief's script ended on an uncaught exception
+        (a failed call the script caught and went on from ends nothing)."""
+        uncaught = getattr(sys, "last_value", None)  # set when Python printed one at the end
+        self.finish(None if uncaught is None else f"the chief's script failed ({describe_error(uncaught)})")
+
     def push_settings(self, model):
         """Chief: the optimizer's settings the callbacks may have changed (the
         learning rate) to the servers, at the start of each epoch."""
@@ -365,14 +383,29 @@ class ParameterServerImplementation(MultiProcessImplementation):
                     self.pull(model)
                     with self.chief_evaluation(model):
                         result = original(*arguments.args, **arguments.kwargs)
-            except BaseException:
+            except BaseException as error:
                 if not attached:
                     with contextlib.suppress(Exception):  # the first error is the one to see
                         self.detach(model)
-                raise
+                lost = self._lost_process(error)
+                if lost is None:
+                    raise
+                raise lost from error
             if not attached:
                 self.detach(model)
             return result
+
+    def _lost_process(self, error):
+        """A lost process, wherever the chief met it (a step, a callback, its
+        own evaluation), ends every process now with a `WorkerError` naming
+        it; returned to raise when the engine's error is not one already."""
+        if isinstance(error, WorkerError):
+            self.finish(str(error))
+            return None
+        lost = self.lost_process(error) if isinstance(error, Exception) else None
+        if lost is not None:
+            self.finish(str(lost))
+        return lost
 
     def coordinate_fit(self, model, arguments):
         """The chief's fit: Keras's callbacks and progress bar, updates run by
@@ -519,6 +552,12 @@ class PeerWatch:
         import os
 
         os._exit(0 if error is None else WORKER_LOST_EXIT_CODE)
+
+
+def describe_error(error):
+    """`Type: first line of the message`, for one line of another process's error."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def wait_until(predicate, timeout, what, period=0.05):
