@@ -249,12 +249,10 @@ class TFParameterServer(ParameterServerImplementation, TFImplementation):
     def results(self, wait_for=None):
         if wait_for is not None:
             return []
-        try:
-            self.coordinator.join()
-            totals, most = self._totals.numpy(), self._maxima.numpy()
-            self._maxima.assign(tf.zeros_like(most))  # the next epoch's
-        except _LOST as error:
-            raise self._server_lost(error) from error
+        # a lost task surfaces here as the engine's error: `lost_process` names it
+        self.coordinator.join()
+        totals, most = self._totals.numpy(), self._maxima.numpy()
+        self._maxima.assign(tf.zeros_like(most))  # the next epoch's
         (updates, staleness), self._seen = (totals - self._seen).T, totals
         return [StepResult(worker=w, staleness=int(staleness[w]), count=int(updates[w]), max_staleness=int(most[w]))
                 for w in range(len(updates)) if updates[w]]
