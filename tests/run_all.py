@@ -6,7 +6,7 @@
 
 Two phases. First the tests marked `in_process` (they run in pytest's own
 process and time nothing), two pytest processes side by side (`--jobs`; 2 by
-default, 1 on a one-core machine), longest first. TensorFlow's are split in
+default, 1 on a one-core machine), TensorFlow's first. TensorFlow's are split in
 two processes (`SPLIT`: tests/test_features.py, then the rest), which the
 other backends' then fill in beside: one TensorFlow process beside JAX's and
 then torch's left one core idle for minutes. Measured on 2 cores, the same
@@ -108,8 +108,8 @@ def report(backend, phase, outcome):
 
 def in_process_jobs(backends):
     """`(backend, name, paths)` of each pytest process of the in-process
-    phase, longest first: a backend in `SPLIT` runs as two processes, its
-    file first, then the rest of its tests."""
+    phase: first each backend in `SPLIT` (the longest) as two processes, its
+    file, then the rest of its tests; then every other backend as one."""
     split = [(b, f"in_process, {SPLIT[b]}", [SPLIT[b]]) for b in backends if b in SPLIT]
     split += [(b, "in_process, the rest", ["tests", f"--ignore={SPLIT[b]}"]) for b in backends if b in SPLIT]
     return split + [(b, "in_process", ["tests"]) for b in backends if b not in SPLIT]
