@@ -91,7 +91,8 @@ def draw(data, path):
     workloads = sorted({r["workload"] for r in ok})
     fig, axes = plt.subplots(len(workloads), 1, figsize=(13, 4.2 * len(workloads)), squeeze=False)
     colors = {"ks": "tab:blue", "native": "tab:orange", "keras_ddp": "tab:orange", "torch_ddp": "tab:gray",
-              "native_sync_bn": "tab:green", "keras_fit": "tab:purple", "native_tape": "tab:gray"}
+              "native_sync_bn": "tab:green", "keras_fit": "tab:purple", "native_tape": "tab:gray",
+              "native_tape_epochs": "tab:brown"}
     for ax, workload in zip(axes[:, 0], workloads):
         rows = sorted((r for r in ok if r["workload"] == workload),
                       key=lambda r: (r["backend"], r["strategy"], r["replicas"], r["method"] != "ks"))

@@ -49,7 +49,7 @@ CASES = {
     ("tensorflow", "central_storage"): (True, ["ks", "native"]),
     ("jax", "central_storage"): (True, ["ks"]),
     ("torch", "central_storage"): (True, ["ks"]),
-    ("tensorflow", "multi_worker"): (False, ["ks"]),
+    ("tensorflow", "multi_worker"): (False, ["ks", "native_tape", "native_tape_epochs"]),
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
     ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit", "ks_keras_loss"]),
@@ -59,7 +59,7 @@ CASES = {
     ("torch", "parameter_server"): (False, ["ks"]),
 }
 
-ON_REQUEST = {"ks_keras_loss"}  # run only when --methods names them
+ON_REQUEST = {"ks_keras_loss", "native_tape_epochs"}  # run only when --methods names them
 
 NOT_RUN = {
     ("tensorflow", "multi_worker", "native"):
@@ -116,6 +116,10 @@ LABELS = {
     ("tensorflow", "native", "parameter_server"):
         "hand-written ClusterCoordinator loop scheduling Keras's train_step",
     "native_tape": "hand-written ClusterCoordinator loop, GradientTape + Keras optimizer (lower bound)",
+    ("tensorflow", "native_tape", "multi_worker"):
+        "MultiWorkerMirroredStrategy + hand-written loop, GradientTape + Keras optimizer, synchronized BN "
+        "(lower bound)",
+    "native_tape_epochs": "the same loop, a new distributed iterator each epoch as Keras fit makes",
     "keras_ddp": "Keras model + hand-written DDP loop",
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
     "keras_fit": "plain Keras fit, no distribution (Keras's own step cost)",
@@ -139,7 +143,7 @@ def label(backend, strategy, method):
 
 
 def role(method):
-    return {"ks": "A", "torch_ddp": "lower bound", "native_tape": "lower bound",
+    return {"ks": "A", "torch_ddp": "lower bound", "native_tape": "lower bound", "native_tape_epochs": "lower bound",
             "keras_fit": "reference"}.get(method, "B")
 
 

@@ -9,6 +9,15 @@ Methods:
                TF: tf.distribute strategy scope + Keras fit;
     native_sync_bn  TF: the same with BatchNormalization(synchronized=True)
                (statistics over the global batch, as keras_strategies computes);
+    native_tape  TF multi_worker, a lower bound: MultiWorkerMirroredStrategy
+               and the loop of TensorFlow's custom-training-loop tutorial (a
+               tf.function step run on every replica, GradientTape, the Keras
+               optimizer's apply_gradients, BatchNormalization(synchronized=True),
+               distribute_datasets_from_function, one iterator for the whole
+               run), since Keras 3 fit cannot run under it (keras#20585)
+    native_tape_epochs  the same loop with a new distributed iterator at each
+               epoch over the global-batch dataset, as Keras's fit makes one
+               (experimental_distribute_dataset; on request only)
                JAX: keras.distribution.DataParallel (one process), or
                keras.distribution.initialize + DataParallel on tf.data (several)
     keras_ddp  torch: hand-written DDP loop over the Keras model (Keras guide)
@@ -36,8 +45,8 @@ sys.path.insert(0, HERE)
 from workloads import OPTIMIZERS, build_keras, build_torch, keras_optimizer, make_data, set_seed, torch_optimizer  # noqa: E402,E501
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "keras_ddp", "torch_ddp", "keras_fit",
-                                                      "ks_keras_loss"])
+parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "native_tape", "native_tape_epochs", "keras_ddp",
+                                                      "torch_ddp", "keras_fit", "ks_keras_loss"])
 parser.add_argument("--strategy", required=True,
                     choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
@@ -283,8 +292,77 @@ def run_torch_loop():
     return epoch_times, epoch_cpu, first, steps_seen
 
 
+def run_tf_tape_loop():
+    """MultiWorkerMirroredStrategy with TensorFlow's own custom training loop.
+    Each worker's gRPC address is found as keras_strategies finds it (a
+    rendezvous at MASTER_ADDR:MASTER_PORT): TensorFlow needs every address
+    up front, the launcher gives only the coordinator's."""
+    if WORLD > 1:
+        from keras_strategies.cluster.rendezvous import exchange_addresses
+        from keras_strategies.launch.ports import reserve_port
+
+        with reserve_port() as reservation:
+            addresses = exchange_addresses(f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", RANK, WORLD,
+                                           reservation.port, 120)
+            resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+                tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=RANK, rpc_layer="grpc")
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    set_seed(0)
+    start = time.perf_counter()
+    with strategy.scope():
+        model = build_keras(args.workload, synchronized_bn=True)
+        optimizer = keras_optimizer(args.optimizer)
+        optimizer.build(model.trainable_variables)
+
+    def dataset_fn(context):
+        per_replica = context.get_per_replica_batch_size(args.batch)
+        data = tf.data.Dataset.from_tensor_slices((x, y))
+        return data.shard(context.num_input_pipelines, context.input_pipeline_id).batch(per_replica).repeat()
+
+    per_epoch = args.method == "native_tape_epochs"
+    if per_epoch:  # as Keras's fit: the global batches, a new iterator each epoch
+        global_batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch)
+    else:
+        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            logits = model(xb, training=True)
+            per_example = keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=args.batch)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(iterator):
+        losses = strategy.run(step, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    first, epoch_times, epoch_cpu, steps_seen = None, [], [], []
+    for _ in range(args.epochs):
+        begin, begin_cpu = time.perf_counter(), time.process_time()
+        steps_seen.append(0)
+        if per_epoch:
+            iterator = iter(strategy.experimental_distribute_dataset(global_batches))
+        for _ in range(args.steps):
+            loss = train_step(iterator)
+            steps_seen[-1] += 1
+            if first is None:
+                float(loss)
+                first = time.perf_counter() - start
+        float(loss)
+        epoch_times.append(time.perf_counter() - begin)
+        epoch_cpu.append(time.process_time() - begin_cpu)
+    return epoch_times, epoch_cpu, first, steps_seen
+
+
 if args.method in ("keras_ddp", "torch_ddp"):
     epoch_times, epoch_cpu, first_step, steps_seen = run_torch_loop()
+elif args.method in ("native_tape", "native_tape_epochs"):
+    epoch_times, epoch_cpu, first_step, steps_seen = run_tf_tape_loop()
 else:
     epoch_times, epoch_cpu, first_step, steps_seen = run_keras_fit()
 
