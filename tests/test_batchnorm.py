@@ -50,3 +50,33 @@ def test_batchnorm_matches_single_device_and_replicas_agree(pattern, replica_dev
 
     for got, want in zip(model.get_weights(), ref.get_weights()):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute variable aggregation")
+def test_tensorflow_moving_statistics_update_per_replica_during_a_run_only(replica_devices):
+    """During a run the (synchronized, so identical) moving statistics update on
+    each replica alone, without an all-reduce each; afterwards their mirrored
+    variables have the MEAN aggregation they were created with again (a
+    custom loop in the scope, where nothing is synchronized, keeps replicas
+    equal)."""
+    import tensorflow as tf
+
+    x, y = make_data(n=64)
+    strategy = ks.Mirrored(devices=replica_devices)
+    with strategy.scope():
+        model = build("functional", initial_weights("functional", batch_norm=True), batch_norm=True)
+    norm = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)][0]
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(norm.moving_mean._value.aggregation)
+
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[Record()])
+    assert set(seen) == {tf.VariableAggregation.NONE}, seen
+    assert norm.moving_mean._value.aggregation == tf.VariableAggregation.MEAN
+    assert norm.moving_variance._value.aggregation == tf.VariableAggregation.MEAN
+    copies = replica_values(norm.moving_variance)
+    assert len(copies) == len(replica_devices)
+    for copy in copies[1:]:
+        np.testing.assert_array_equal(copy, copies[0])

@@ -6,7 +6,10 @@ Fixes applied around Keras 3.15 (all for the length of this package's runs):
   MirroredStrategy (their variables use aggregation NONE). Non-trainable
   floating variables are created with aggregation MEAN, and BatchNormalization
   computes its statistics over the global batch (`synchronized=True`), so every
-  replica holds identical values and training equals one device.
+  replica holds identical values and training equals one device. During a run
+  its moving statistics, mirrored, update on each replica alone (aggregation
+  NONE): their new values are already identical everywhere, and MEAN made 2
+  all-reduces a layer each step, across processes under MultiWorkerMirrored.
 - Keras scales each replica's loss by 1/num_replicas, which is wrong for an
   unevenly split (last) batch; each replica's loss is scaled by its share of
   the global batch instead.
@@ -18,6 +21,7 @@ import contextlib
 
 import tensorflow as tf
 from keras.src.layers.normalization.batch_normalization import BatchNormalization
+from tensorflow.python.distribute.values import MirroredVariable
 
 from keras_strategies.backends.tensorflow.keras_fixes import (
     local_value,
@@ -155,6 +159,33 @@ def _index_optimizer_variables(model):
 
 
 @contextlib.contextmanager
+def replica_local_statistics(model):
+    """While entered: the moving statistics of every BatchNormalization layer
+    of `model` that are mirrored variables update on each replica alone
+    (aggregation NONE instead of the MEAN they were created with).
+
+    Only for a run in which BatchNormalization is synchronized: each replica
+    then computes the same new value from the same all-reduced moments, so the
+    MEAN's all-reduce (one per variable per step, across processes under
+    MultiWorkerMirrored) changes nothing. CentralStorage's aggregating variables
+    and TPU variables keep their MEAN."""
+    swapped = []
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, BatchNormalization):
+            for variable in (getattr(layer, "moving_mean", None), getattr(layer, "moving_variance", None)):
+                value = getattr(variable, "_value", None)
+                if type(value) is MirroredVariable and value._aggregation == tf.VariableAggregation.MEAN:
+                    swapped.append(value)
+    for value in swapped:
+        value._aggregation = tf.VariableAggregation.NONE
+    try:
+        yield
+    finally:
+        for value in swapped:
+            value._aggregation = tf.VariableAggregation.MEAN
+
+
+@contextlib.contextmanager
 def global_batch_training(model, num_replicas, owner):
     """During one fit/evaluate/predict with several replicas: BatchNormalization
     computes its statistics over the global batch, and each replica's loss is
@@ -173,6 +204,7 @@ def global_batch_training(model, num_replicas, owner):
     with contextlib.ExitStack() as stack:
         for layer in norms:
             stack.enter_context(overriding(layer, "synchronized", True, "tf-synchronized-batchnorm"))
+        stack.enter_context(replica_local_statistics(model))
         stack.enter_context(overriding(
             model, "train_step", share_weighted_train_step(model.train_step, _folds_count(model)),
             "tf-share-weighted-step"))
