@@ -9,6 +9,8 @@ Methods:
                TF: tf.distribute strategy scope + Keras fit;
     native_sync_bn  TF: the same with BatchNormalization(synchronized=True)
                (statistics over the global batch, as keras_strategies computes);
+               JAX: keras.distribution.DataParallel (one process), or
+               keras.distribution.initialize + DataParallel on tf.data (several)
     native_tape  TF multi_worker, a lower bound: MultiWorkerMirroredStrategy
                and the loop of TensorFlow's custom-training-loop tutorial (a
                tf.function step run on every replica, GradientTape, the Keras
@@ -18,8 +20,6 @@ Methods:
     native_tape_epochs  the same loop with a new distributed iterator at each
                epoch over the global-batch dataset, as Keras's fit makes one
                (experimental_distribute_dataset; on request only)
-               JAX: keras.distribution.DataParallel (one process), or
-               keras.distribution.initialize + DataParallel on tf.data (several)
     keras_ddp  torch: hand-written DDP loop over the Keras model (Keras guide)
     torch_ddp  torch: hand-written DDP loop over an equivalent torch.nn model
     keras_fit  torch, 1 process: plain Keras fit without any distribution, a
