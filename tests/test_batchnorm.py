@@ -52,7 +52,7 @@ def test_batchnorm_matches_single_device_and_replicas_agree(pattern, replica_dev
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute variable aggregation")
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow only: JAX and PyTorch variables have no tf.distribute aggregation to change")
 def test_tensorflow_moving_statistics_update_per_replica_during_a_run_only(replica_devices):
     """During a run the (synchronized, so identical) moving statistics update on
     each replica alone, without an all-reduce each; afterwards their mirrored
