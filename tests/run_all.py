@@ -4,19 +4,27 @@
     python tests/run_all.py jax -- -k fit   # one backend, extra pytest args
     python tests/run_all.py --jobs 1        # nothing side by side
 
-Two phases. First the tests marked `in_process` (they run in pytest's own
-process and time nothing), two pytest processes side by side (`--jobs`; 2 by
-default, 1 on a one-core machine), TensorFlow's first. TensorFlow's are split in
-two processes (`SPLIT`: tests/test_features.py, then the rest), which the
-other backends' then fill in beside: one TensorFlow process beside JAX's and
-then torch's left one core idle for minutes. Measured on 2 cores, the same
-tests: 523 s with TensorFlow in one process (71% of both cores busy), 418 s
-split (86%). Then every other test (real multi-process jobs, timeouts, launched
-examples), one backend at a time, with the machine to itself: side by side
-they gained nothing (measured on 2 cores: TensorFlow's and JAX's together
-1947 s, against 1063 + 867 s one after the other; their workers, one core
-each, wait on each other's collectives when they share the cores). The
-output of a side-by-side run is printed whole when it ends.
+Two kinds of tests. The multi-process ones (real jobs, timeouts, launched
+examples; every test not marked `in_process`) run one backend at a time at
+normal priority: two backends' jobs side by side gained nothing (measured
+on 2 cores: TensorFlow's and JAX's together 1947 s, against 1063 + 867 s one
+after the other; their workers, one core each, wait on each other's
+collectives when they share the cores). Yet a core was idle for 27% of
+their time (waits for a hung peer's timeout, rendezvous, one process
+importing while its peer waits). The tests marked `in_process` (they run in
+pytest's own process and time nothing) fill that time: from the start, two
+of their pytest processes side by side (`--jobs`; 2 by default, 1 on a
+one-core machine), in Linux's idle scheduling class (`lowest_priority`),
+so that they run on what the multi-process jobs leave. The longest first:
+TensorFlow's, split in two processes (`SPLIT`: tests/test_features.py, then
+the rest), then JAX's and torch's. Measured on 2 cores (2026-12-03), the
+whole suite: the in-process tests first, then the others, 2 342 s (451 s,
+then the others 758 + 602 + 531 s); this way 2 023 s (the others
+842 + 643 + 537 s, every in-process test ended 50 s into JAX's others). At
+nice 19 instead of the idle class TensorFlow's others took 1 001 s. Their output is
+printed whole between two backends' multi-process tests, and at the end.
+With `--jobs 1` the in-process tests run first, then the others, nothing
+side by side.
 
 Exits non-zero when any backend has a failure or runs no test, and ends with
 one closing line adding up every backend.
@@ -71,11 +79,27 @@ def jax_cache(directory):
     return env
 
 
-def run(root, backend, marker, extra, echo, cache, paths=("tests",)):
+def lowest_priority(pid):
+    """Linux's idle scheduling class for process `pid` (it runs only when no
+    other process wants the core, and gives way at once when one wakes), else
+    nice 19; what it starts inherits it. Nothing where neither exists."""
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
+    except (AttributeError, OSError):  # no such call here, or the process already ended
+        pass
+
+
+def run(root, backend, marker, extra, echo, cache, paths=("tests",), niced=False):
     """One pytest process over the tests `marker` selects in `paths` (each
     relative to `root`, or a pytest option such as `--ignore=...`); returns
     `(exit code, counts, seconds, output)` and prints the output as it comes
-    when `echo`. JAX programs are compiled once into `cache`."""
+    when `echo`. JAX programs are compiled once into `cache`. `niced`: at the
+    lowest CPU priority (`lowest_priority`)."""
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1", **jax_cache(cache))
     env.pop("XLA_FLAGS", None)
     basetemp = tempfile.mkdtemp(prefix=f"ks-tests-{backend}-")
@@ -86,6 +110,8 @@ def run(root, backend, marker, extra, echo, cache, paths=("tests",)):
          *(path if path.startswith("-") else os.path.join(root, path) for path in paths), *extra],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    if niced:
+        lowest_priority(process.pid)
     for line in process.stdout:
         lines.append(line)
         if echo:
@@ -120,21 +146,36 @@ def main(argv):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outcomes = {backend: [] for backend in backends}
     start, cache = time.time(), tempfile.mkdtemp(prefix="ks-jax-cache-")
-    print(f"===== in_process tests, {jobs} pytest process(es) at a time =====", flush=True)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run, root, b, "in_process", extra, jobs == 1, cache, paths): (b, name)
-                   for b, name, paths in in_process_jobs(backends)}
-        for future in concurrent.futures.as_completed(futures):
+    side_by_side = jobs > 1
+    printed = set()
+
+    def print_finished(futures, wait=False):
+        """Prints each in-process outcome once, whole (waiting for all when `wait`)."""
+        done = concurrent.futures.as_completed(futures) if wait else [f for f in futures if f.done()]
+        for future in done:
+            if future in printed:
+                continue
+            printed.add(future)
             (backend, name), outcome = futures[future], future.result()
-            if jobs > 1:
+            if side_by_side:
                 print(f"===== KERAS_BACKEND={backend} ({name}) =====\n{outcome[3]}", end="", flush=True)
             report(backend, name, outcome)
             outcomes[backend].append(outcome)
-    for backend in backends:
-        print(f"===== KERAS_BACKEND={backend} (the others, alone) =====", flush=True)
-        outcome = run(root, backend, "not in_process", extra, True, cache)
-        report(backend, "the others", outcome)
-        outcomes[backend].append(outcome)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        print(f"===== in_process tests, {jobs} pytest process(es) at a time"
+              + (", at the lowest priority beside the others =====" if side_by_side else " ====="), flush=True)
+        futures = {pool.submit(run, root, b, "in_process", extra, not side_by_side, cache, paths, side_by_side):
+                   (b, name) for b, name, paths in in_process_jobs(backends)}
+        if not side_by_side:
+            print_finished(futures, wait=True)
+        for backend in backends:
+            print(f"===== KERAS_BACKEND={backend} (the others) =====", flush=True)
+            outcome = run(root, backend, "not in_process", extra, True, cache)
+            report(backend, "the others", outcome)
+            outcomes[backend].append(outcome)
+            print_finished(futures)
+        print_finished(futures, wait=True)
     shutil.rmtree(cache, ignore_errors=True)
     ok, totals = True, dict.fromkeys(WORDS, 0)
     for backend, results in outcomes.items():
