@@ -94,11 +94,11 @@ def lowest_priority(pid):
         pass
 
 
-def run(root, backend, marker, extra, echo, cache, paths=("tests",), niced=False):
+def run(root, backend, marker, extra, echo, cache, paths=("tests",), lowest=False):
     """One pytest process over the tests `marker` selects in `paths` (each
     relative to `root`, or a pytest option such as `--ignore=...`); returns
     `(exit code, counts, seconds, output)` and prints the output as it comes
-    when `echo`. JAX programs are compiled once into `cache`. `niced`: at the
+    when `echo`. JAX programs are compiled once into `cache`. `lowest`: at the
     lowest CPU priority (`lowest_priority`)."""
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1", **jax_cache(cache))
     env.pop("XLA_FLAGS", None)
@@ -110,7 +110,7 @@ def run(root, backend, marker, extra, echo, cache, paths=("tests",), niced=False
          *(path if path.startswith("-") else os.path.join(root, path) for path in paths), *extra],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    if niced:
+    if lowest:
         lowest_priority(process.pid)
     for line in process.stdout:
         lines.append(line)
