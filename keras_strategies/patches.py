@@ -84,10 +84,12 @@ PATCHES = (
           "Keras's assign_add is assign(x + d): counted once per replica on CentralStorage's SUM "
           "variables, and not atomic on a parameter server (asynchronous updates were lost); in a "
           "replica-local optimizer apply each replica writes its own copy."),
-    Patch("keras-20585-symbolic-build",
+    Patch("tf-symbolic-build",
           ("keras.src.backend.tensorflow.trainer:TensorFlowTrainer._maybe_symbolic_build",),
-          _FIXES.format("tensorflow", "local_batch_symbolic_build"), "run", _TF,
-          "Under MultiWorkerMirroredStrategy the symbolic build is handed a PerReplica batch.",
+          _FIXES.format("tensorflow", "symbolic_build_from_spec"), "run", _TF,
+          "Every fit/evaluate/predict (and validation) opens a distributed iterator for one batch, reduces "
+          "it and drops the iterator mid-prefetch (~0.2 s; once a segfault in a TensorFlow thread); under "
+          "MultiWorkerMirroredStrategy that batch is a PerReplica the build cannot read.",
           "keras-team/keras#20585"),
     Patch("keras-20585-reduce", ("keras.src.backend.tensorflow.trainer:reduce_per_replica",),
           _FIXES.format("tensorflow", "scalar_safe_reduce"), "run", _TF,

@@ -252,7 +252,7 @@ class TFImplementation(Implementation):
     """
 
     backend = "tensorflow"
-    keras_patches = ("tf-loss-share", "tf-variable-updates")
+    keras_patches = ("tf-loss-share", "tf-variable-updates", "tf-symbolic-build")
 
     @property
     def num_replicas_in_sync(self):

@@ -300,21 +300,69 @@ def multi_step_function(model, step_function):
     return function
 
 
-# -- keras-team/keras#20585 -----------------------------------------------------
-def local_batch_symbolic_build(original):
-    """`_maybe_symbolic_build` handed a `PerReplica` batch under
-    MultiWorkerMirroredStrategy: build from this worker's local values."""
+# -- tf-symbolic-build (and keras-team/keras#20585) ---------------------------
+def symbolic_build_from_spec(original):
+    """`_maybe_symbolic_build` without a batch drawn from a distributed iterator.
+
+    Keras's opens the distributed dataset's iterator at every `fit`, `evaluate`
+    (each validation too) and `predict` call, takes one batch, reduces it
+    across the replicas and drops the iterator while its per-device prefetch
+    still runs: TensorFlow cancels the fetch in flight ("Local rendezvous is
+    aborting"), ~0.2 s a call, and once on a starved 2-core CI machine a
+    segmentation fault in one of TensorFlow's threads. Under
+    MultiWorkerMirroredStrategy the batch is a `PerReplica` that the build
+    cannot read (keras-team/keras#20585). The batch only gives shapes and
+    dtypes, and only while something is unbuilt: then they come from the
+    dataset's element spec (one replica's); nothing is drawn. Specs other
+    than dense tensors (sparse, ragged, optional) keep Keras's way, with this
+    worker's values."""
 
     def maybe_symbolic_build(self, iterator=None, data_batch=None):
         if iterator is not None and data_batch is None:
-            for _, _, it in iterator:
-                batch = next(it)
-                data_batch = tf.nest.map_structure(local_value, batch)
-                break
+            if _needs_batch(self):
+                data_batch = _symbolic_batch(getattr(iterator, "_distributed_dataset", None))
+                if data_batch is None:
+                    for _, _, it in iterator:
+                        data_batch = tf.nest.map_structure(local_value, next(it))
+                        break
             iterator = None
         return original(self, iterator=iterator, data_batch=data_batch)
 
     return maybe_symbolic_build
+
+
+def _needs_batch(model):
+    """Whether Keras's `_symbolic_build` reads a batch (the same test)."""
+    return (
+        not all(layer.built for layer in model._flatten_layers())
+        or (model._compile_metrics is not None and not model._compile_metrics.built)
+        or (model._compile_loss is not None and not model._compile_loss.built)
+    )
+
+
+def _symbolic_batch(dataset):
+    """Keras tensors shaped like one replica's batch of `dataset` (a
+    `tf.distribute` dataset), from its element spec; None where a leaf is not
+    a dense tensor."""
+    from keras.src.backend import KerasTensor, standardize_dtype
+    from tensorflow.python.distribute.values import PerReplicaSpec
+
+    spec = getattr(dataset, "element_spec", None)
+    if spec is None:
+        return None
+    leaves = []
+
+    def symbolic(leaf):
+        if isinstance(leaf, PerReplicaSpec):
+            leaf = leaf._value_specs[0]
+        if type(leaf) is not tf.TensorSpec or leaf.shape.rank is None:
+            leaves.append(None)
+            return None
+        leaves.append(leaf)
+        return KerasTensor(tuple(leaf.shape), standardize_dtype(leaf.dtype))
+
+    batch = tf.nest.map_structure(symbolic, spec)
+    return batch if leaves and all(leaf is not None for leaf in leaves) else None
 
 
 def scalar_safe_reduce(original):

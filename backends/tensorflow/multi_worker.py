@@ -4,7 +4,7 @@ The cluster comes from `TF_CONFIG` as TensorFlow reads it, or, from any other
 description (torchrun, SLURM, KERAS_DISTRIBUTION_*), from a rendezvous at the
 coordinator address that tells every worker the others' addresses. Keras
 3.15 cannot fit under this strategy (keras-team/keras#20585): the two fixes
-(`keras_fixes.local_batch_symbolic_build`, `keras_fixes.scalar_safe_reduce`)
+(`keras_fixes.symbolic_build_from_spec`, `keras_fixes.scalar_safe_reduce`)
 are applied while it runs.
 """
 
@@ -42,7 +42,7 @@ def _resolver(cluster, timeout, reservation):
 class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
     """One `MultiWorkerMirroredStrategy` per process, every local GPU (or the CPU)."""
 
-    keras_patches = TFImplementation.keras_patches + ("keras-20585-symbolic-build", "keras-20585-reduce")
+    keras_patches = TFImplementation.keras_patches + ("keras-20585-reduce",)
     lost_contact_errors = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                            tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError)
 
