@@ -88,7 +88,7 @@ PATCHES = (
           ("keras.src.backend.tensorflow.trainer:TensorFlowTrainer._maybe_symbolic_build",),
           _FIXES.format("tensorflow", "symbolic_build_from_spec"), "run", _TF,
           "Every fit/evaluate/predict (and validation) opens a distributed iterator for one batch, reduces "
-          "it and drops the iterator mid-prefetch (~0.2 s; once a segfault in a TensorFlow thread); under "
+          "it and drops the iterator mid-prefetch (~0.15 s; once a segfault in a TensorFlow thread); under "
           "MultiWorkerMirroredStrategy that batch is a PerReplica the build cannot read.",
           "keras-team/keras#20585"),
     Patch("keras-20585-reduce", ("keras.src.backend.tensorflow.trainer:reduce_per_replica",),

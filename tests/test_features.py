@@ -73,7 +73,7 @@ def test_one_data_iterator_an_epoch_and_none_to_build_from(strategy, monkeypatch
     uses (without steps_per_epoch): under tf.distribute a multi-device
     iterator, ~0.15 s with its buffers filled. And on TensorFlow every fit,
     evaluate and predict opened one more to draw a batch for the symbolic
-    build, dropped mid-prefetch (~0.2 s; once a segfault in a TensorFlow
+    build, dropped mid-prefetch (~0.15 s; once a segfault in a TensorFlow
     thread): there the build reads the dataset's element spec instead. On
     JAX and torch the first fit draws a batch from a host iterator (no
     devices, no threads). The training is still one device's (the cases

@@ -308,7 +308,7 @@ def symbolic_build_from_spec(original):
     (each validation too) and `predict` call, takes one batch, reduces it
     across the replicas and drops the iterator while its per-device prefetch
     still runs: TensorFlow cancels the fetch in flight ("Local rendezvous is
-    aborting"), ~0.2 s a call, and once on a starved 2-core CI machine a
+    aborting"), ~0.15 s a call, and once on a starved 2-core CI machine a
     segmentation fault in one of TensorFlow's threads. Under
     MultiWorkerMirroredStrategy the batch is a `PerReplica` that the build
     cannot read (keras-team/keras#20585). The batch only gives shapes and
