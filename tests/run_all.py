@@ -5,26 +5,30 @@
     python tests/run_all.py --jobs 1        # nothing side by side
 
 Two kinds of tests. The multi-process ones (real jobs, timeouts, launched
-examples; every test not marked `in_process`) run one backend at a time at
-normal priority: two backends' jobs side by side gained nothing (measured
-on 2 cores: TensorFlow's and JAX's together 1947 s, against 1063 + 867 s one
-after the other; their workers, one core each, wait on each other's
-collectives when they share the cores). Yet a core was idle for 27% of
-their time (waits for a hung peer's timeout, rendezvous, one process
-importing while its peer waits). The tests marked `in_process` (they run in
-pytest's own process and time nothing) fill that time: from the start, two
-of their pytest processes side by side (`--jobs`; 2 by default, 1 on a
-one-core machine), in Linux's idle scheduling class (`lowest_priority`),
-so that they run on what the multi-process jobs leave. The longest first:
+examples; every test not marked `in_process`) run at normal priority, one
+backend's at a time while the in-process ones run. The tests marked
+`in_process` (they run in pytest's own process and time nothing) fill the
+time those jobs leave a core idle (waits for a hung peer's timeout,
+rendezvous, one process importing while its peer waits): from the start,
+two of their pytest processes side by side (`--jobs`; 2 by default, 1 on a
+one-core machine), in Linux's idle scheduling class (`lowest_priority`), so
+that they run on what the multi-process jobs leave. The longest first:
 TensorFlow's, split in two processes (`SPLIT`: tests/test_features.py, then
-the rest), then JAX's and torch's. Measured on 2 cores (2026-12-03), the
-whole suite: the in-process tests first, then the others, 2 342 s (451 s,
-then the others 758 + 602 + 531 s); this way 2 023 s (the others
-842 + 643 + 537 s, every in-process test ended 50 s into JAX's others). At
-nice 19 instead of the idle class TensorFlow's others took 1 001 s. Their output is
-printed whole between two backends' multi-process tests, and at the end.
-With `--jobs 1` the in-process tests run first, then the others, nothing
-side by side.
+the rest), then JAX's and torch's. Once every in-process test has ended,
+`--jobs` backends' multi-process tests run side by side: alone, JAX's and
+torch's left the two cores 35-50% idle (sampled every 10 s, 2026-12-04).
+Measured on 2 cores, the whole suite, the same 1 100 tests: 1 965 s with
+the multi-process tests one backend at a time (TensorFlow 909 s, JAX 569 s,
+torch 488 s), 1 545 s this way (every in-process test ended during
+TensorFlow's 784 s; JAX's 780 s began beside its end, torch's 690 s beside
+JAX's). Two backends' multi-process tests side by side from the start gained
+nothing in an earlier measurement (TensorFlow's and JAX's together 1 947 s,
+against 1 063 + 867 s one after the other): the in-process tests need that
+idle time first.
+Output: the multi-process tests of the one backend running alone are
+printed as they come; every other pytest process's output is printed whole
+when it ends. With `--jobs 1` the in-process tests run first, then the
+others, one backend at a time, nothing side by side.
 
 Exits non-zero when any backend has a failure or runs no test, and ends with
 one closing line adding up every backend.
@@ -162,18 +166,37 @@ def main(argv):
             report(backend, name, outcome)
             outcomes[backend].append(outcome)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as others_pool:
         print(f"===== in_process tests, {jobs} pytest process(es) at a time"
               + (", at the lowest priority beside the others =====" if side_by_side else " ====="), flush=True)
         futures = {pool.submit(run, root, b, "in_process", extra, not side_by_side, cache, paths, side_by_side):
                    (b, name) for b, name, paths in in_process_jobs(backends)}
         if not side_by_side:
             print_finished(futures, wait=True)
-        for backend in backends:
-            print(f"===== KERAS_BACKEND={backend} (the others) =====", flush=True)
-            outcome = run(root, backend, "not in_process", extra, True, cache)
-            report(backend, "the others", outcome)
-            outcomes[backend].append(outcome)
+        # The others: one backend at a time while in-process tests fill the
+        # cores' idle time; once those have all ended, `jobs` backends side by
+        # side (the multi-process tests leave a core idle a third of their
+        # time: waits for a hung peer's timeout, rendezvous, imports).
+        running, queue = {}, list(backends)
+        while queue or running:
+            width = jobs if all(f.done() for f in futures) else 1
+            while queue and len(running) < width:
+                backend = queue.pop(0)
+                echo = not running and (not queue or width == 1)  # never two outputs interleaved
+                print(f"===== KERAS_BACKEND={backend} (the others"
+                      + ("" if echo else ", printed when they end") + ") =====", flush=True)
+                running[others_pool.submit(run, root, backend, "not in_process", extra, echo, cache)] = (
+                    backend, echo)
+            done, _ = concurrent.futures.wait(list(running), timeout=5,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                backend, echoed = running.pop(future)
+                outcome = future.result()
+                if not echoed:
+                    print(f"===== KERAS_BACKEND={backend} (the others) =====\n{outcome[3]}", end="", flush=True)
+                report(backend, "the others", outcome)
+                outcomes[backend].append(outcome)
             print_finished(futures)
         print_finished(futures, wait=True)
     shutil.rmtree(cache, ignore_errors=True)
