@@ -2,6 +2,7 @@
 
     python tests/mp_worker.py OUT_DIR [--pattern fit_argument|scope] [--epochs N]
         [--die-at-step K] [--hang-at-step K] [--input KIND] [--kind MODEL] [--batch-norm]
+        [--count-threads]
 
 The cluster comes from the environment (launcher, TF_CONFIG, ...). Each worker
 trains the same model under MultiWorkerMirrored, also trains a single-device
@@ -29,6 +30,8 @@ parser.add_argument("--input", default="numpy", help="numpy, tf_data, py_dataset
 parser.add_argument("--batch-norm", action="store_true")
 parser.add_argument("--kind", default="functional", help="a model kind of tests/models.py")
 parser.add_argument("--coverage", action="store_true", help="first, one shuffled epoch of one-hot examples")
+parser.add_argument("--count-threads", action="store_true",
+                    help="last, a fit of 2 epochs of 40 steps, counting this process's threads after each")
 args = parser.parse_args()
 
 strategy = ks.MultiWorkerMirrored()
@@ -137,6 +140,19 @@ assert np.allclose(counted, counter.predict(indexed, batch_size=16, verbose=0), 
 counter.layers[0].rows.clear()
 counter.predict(indexed, batch_size=16, verbose=0, distribution=strategy)
 
+threads = None
+if args.count_threads:  # the threads of a long run must not grow with its steps
+    class CountThreads(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            threads.append(len(os.listdir("/proc/self/task")))
+
+    threads, steps_per_epoch = [], 40
+    longer_x, longer_y = make_data(n=16 * steps_per_epoch)
+    build(args.kind, weights, args.batch_norm).fit(
+        longer_x, longer_y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[CountThreads()],
+        distribution=strategy)
+    threads = {"after_each_epoch": threads, "steps_per_epoch": steps_per_epoch}
+
 np.savez(os.path.join(args.out, f"weights{rank}.npz"), *model.get_weights())
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(
@@ -161,6 +177,7 @@ with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
                                         if args.pattern != "scope" else 0.0),
             "evaluate_before": evaluation_before if args.pattern != "scope" else ref_evaluation_before,
             "ref_evaluate_before": ref_evaluation_before,
+            "threads": threads,
         },
         f,
     )

@@ -171,7 +171,7 @@ def test_launcher_with_batch_norm(tmp_path):
         process = subprocess.Popen(
             [sys.executable, "-c",
              "import sys; from keras_strategies.launch import launch; "
-             f"sys.exit(launch([sys.executable, {WORKER!r}, {str(tmp_path)!r}, '--batch-norm'], "
+             f"sys.exit(launch([sys.executable, {WORKER!r}, {str(tmp_path)!r}, '--batch-norm', '--count-threads'], "
              f"nproc_per_node=2, timeout={RUN_TIMEOUT}))"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -188,6 +188,15 @@ def test_launcher_with_batch_norm(tmp_path):
             f.write("\n".join(line.split("] ", 1)[1] for line in text.splitlines()
                               if line.startswith(f"[rank {rank}] ")))
     check_results(tmp_path)
+    # A second epoch of 40 steps, after the first: no thread more per step. TensorFlow
+    # keeps a collective's deadline with a thread per collective, sleeping for the
+    # whole deadline (here 60 s); run so, each step (gradients, logs, synchronized
+    # BatchNormalization) left several behind, and a long job ran out of threads.
+    for rank in range(2):
+        with open(os.path.join(tmp_path, f"rank{rank}.json")) as f:
+            threads = json.load(f)["threads"]
+        first, second = threads["after_each_epoch"]
+        assert second - first < threads["steps_per_epoch"] // 4, threads
 
 
 def test_torchrun_with_tf_data(tmp_path):

@@ -56,6 +56,7 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
                     _native["strategy"] = tf.distribute.MultiWorkerMirroredStrategy(
                         cluster_resolver=_resolver(cluster, timeout, reservation), communication_options=options
                     )
+                _native["options"] = options
             except RuntimeError as error:
                 raise self.unsupported(
                     f"TensorFlow has already started ({error})",
@@ -69,6 +70,11 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
 
     def default_devices(self):
         return [f"gpu:{i}" for i in range(gpu_count())] or ["cpu:0"]
+
+    @contextlib.contextmanager
+    def run_context(self, model):
+        with super().run_context(model), watched_collectives(_native.get("options"), self.multi_process):
+            yield
 
     def _sum_over_workers(self, values, chief_only):
         """`values` (a float32 vector) summed over the workers: every worker's
@@ -154,6 +160,38 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
                  for rank in range(cluster.world_size)]
         if len(set(every)) > 1:
             raise uneven_devices_error(self.name, every)
+
+
+@contextlib.contextmanager
+def watched_collectives(options, watched):
+    """While a run of a multi-process job goes on, the collectives traced in it
+    get no deadline of their own: the run's `Watchdog` ends a worker whose peer
+    died or hung (`timeout` seconds without a finished step).
+
+    TensorFlow keeps a collective's deadline (`CommunicationOptions.timeout_seconds`,
+    given to the strategy for everything else: variables created in the scope,
+    the cluster's first collectives) by starting a new thread for every
+    collective it runs, which sleeps for the whole deadline (its docstring:
+    "an overhead of `timeout_seconds * num_collectives_per_second` more
+    threads"). With the default 1800 s, each step's collectives (the
+    gradients, the logs, 5 per synchronized BatchNormalization layer) left as
+    many sleeping threads: 1 128 an epoch of 40 steps for the benchmark's BN
+    convnet on 2 workers, whose job aborted after about 40 s of training where
+    Linux's `pid_max` is 32 768 ("Resource temporarily unavailable").
+
+    Args:
+        options: the `CommunicationOptions` the strategy was created with
+            (TensorFlow reads them, the same object, when it traces a collective).
+        watched: whether the run has a watchdog (a job of several processes).
+    """
+    if options is None or not watched:
+        yield
+        return
+    deadline, options.timeout_seconds = options.timeout_seconds, None
+    try:
+        yield
+    finally:
+        options.timeout_seconds = deadline
 
 
 @contextlib.contextmanager
