@@ -31,7 +31,8 @@ parser.add_argument("--batch-norm", action="store_true")
 parser.add_argument("--kind", default="functional", help="a model kind of tests/models.py")
 parser.add_argument("--coverage", action="store_true", help="first, one shuffled epoch of one-hot examples")
 parser.add_argument("--count-threads", action="store_true",
-                    help="last, a fit of 2 epochs of 40 steps, counting this process's threads after each")
+                    help="last, a shuffled fit of 2 epochs of 40 steps, counting this process's threads after "
+                         "each (and, on TensorFlow, the input iterators it makes)")
 args = parser.parse_args()
 
 strategy = ks.MultiWorkerMirrored()
@@ -146,12 +147,21 @@ if args.count_threads:  # the threads of a long run must not grow with its steps
         def on_epoch_end(self, epoch, logs=None):
             threads.append(len(os.listdir("/proc/self/task")))
 
+    iterators = []  # TensorFlow: the distributed iterators the fit makes over its input
+    if keras.backend.backend() == "tensorflow":
+        from tensorflow.python.distribute import input_lib
+
+        def counting_iter(dataset, original=input_lib.DistributedDataset.__iter__):
+            iterators.append(1)
+            return original(dataset)
+
+        input_lib.DistributedDataset.__iter__ = counting_iter
     threads, steps_per_epoch = [], 40
     longer_x, longer_y = make_data(n=16 * steps_per_epoch)
     build(args.kind, weights, args.batch_norm).fit(
-        longer_x, longer_y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[CountThreads()],
+        longer_x, longer_y, batch_size=16, epochs=2, shuffle=True, verbose=0, callbacks=[CountThreads()],
         distribution=strategy)
-    threads = {"after_each_epoch": threads, "steps_per_epoch": steps_per_epoch}
+    threads = {"after_each_epoch": threads, "steps_per_epoch": steps_per_epoch, "iterators": len(iterators)}
 
 np.savez(os.path.join(args.out, f"weights{rank}.npz"), *model.get_weights())
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:

@@ -93,3 +93,70 @@ def test_indivisible_global_batch_is_a_clear_error():
     x = np.zeros((32, 2), "float32")
     with pytest.raises(ks.StrategyError, match="batch_size=5 .* not a multiple of the 2 workers"):
         data.shard_input(x, None, None, 5, False, 0, 2, "MultiWorkerMirrored(...)")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow MultiWorkerMirrored's input (tf.data); the "
+                    "other backends iterate arrays in numpy")
+def test_tensorflow_one_iterator_input_has_each_epochs_batches():
+    """backends/tensorflow/one_iterator.py: one endless dataset whose epoch e
+    is the batches Keras makes from the arrays (shuffle=False), or those of
+    `ShuffledShards` at epoch e (shuffle=True), from `initial_epoch` on;
+    class weights as Keras's sample weights, float64 as floatx."""
+    import inspect
+
+    import keras
+
+    from keras_strategies.backends.tensorflow import one_iterator
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    n, batch = 37, 8  # 5 batches, the last of 5 examples
+    x = np.arange(n * 3, dtype="float64").reshape(n, 3)
+    y = np.arange(n) % 4
+    weights = {0: 1.0, 1: 2.0, 2: 0.5, 3: 3.0}
+
+    def first_batches(dataset, count):
+        return [keras.tree.map_structure(np.asarray, b) for b, _ in zip(dataset, range(count))]
+
+    plain, steps = one_iterator.endless_batches(x, y, None, batch, weights, False, 0, 0)
+    assert steps == 5
+    keras_batches = list(ArrayDataAdapter(x, y, batch_size=batch, class_weight=weights).get_numpy_iterator())
+    got = first_batches(plain, 15)  # three epochs, each the same batches
+    for i, (bx, by, bw) in enumerate(got):
+        kx, ky, kw = keras_batches[i % 5]
+        assert bx.dtype == np.float32 and np.array_equal(bx, kx) and np.array_equal(by, ky) \
+            and np.array_equal(bw, kw)
+
+    shuffled, _ = one_iterator.endless_batches(x, y, None, batch, None, True, 7, 2)
+    got = first_batches(shuffled, 10)  # epochs 2 and 3
+    for epoch in (2, 3):
+        shards = data.ShuffledShards(x, y, None, batch, 0, 1, 7)
+        shards.set_epoch(epoch)
+        for i in range(5):
+            sx, sy = shards[i]
+            gx, gy = got[(epoch - 2) * 5 + i]
+            assert np.array_equal(gx, sx.astype("float32")) and np.array_equal(gy, sy)
+    assert not np.array_equal(got[0][1], got[5][1])  # a new order each epoch
+
+    def fit_arguments(**kwargs):
+        def fit(x=None, y=None, batch_size=None, epochs=1, callbacks=None, validation_split=0.0,
+                validation_data=None, shuffle=True, class_weight=None, sample_weight=None, initial_epoch=0,
+                steps_per_epoch=None):
+            pass
+
+        return inspect.signature(fit).bind(**kwargs)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", steps_per_execution=2)  # 5 batches: not a whole number of executions
+    assert not one_iterator.one_iterator_fit(model, "fit", fit_arguments(x=x, y=y, batch_size=batch), 0)
+    model.compile(loss="mse", steps_per_execution=4)  # 27 examples for training: 4 batches
+    arguments = fit_arguments(x=x, y=y, batch_size=batch, validation_split=0.25)
+    assert one_iterator.one_iterator_fit(model, "fit", arguments, 0)
+    a = arguments.arguments
+    assert a["steps_per_epoch"] == 4 and a["y"] is None and len(a["validation_data"][0]) == 10  # 37 * 0.25
+    backup = keras.callbacks.BackupAndRestore("unused")
+    model.compile(loss="mse")
+    for kwargs in (dict(steps_per_epoch=2), dict(shuffle="batch"), dict(callbacks=[backup])):
+        assert not one_iterator.one_iterator_fit(model, "fit", fit_arguments(x=x, y=y, batch_size=batch, **kwargs), 0)
+    assert one_iterator.one_iterator_fit(  # without shuffling, the order is the same every epoch
+        model, "fit", fit_arguments(x=x, y=y, batch_size=batch, callbacks=[backup], shuffle=False), 0)
+    assert not one_iterator.one_iterator_fit(model, "evaluate", fit_arguments(x=x, y=y), 0)

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_strategies.backends.tensorflow.base import TFImplementation, gpu_count
+from keras_strategies.backends.tensorflow.one_iterator import one_iterator_fit
 from keras_strategies.cluster.rendezvous import exchange_addresses
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation import data as data_lib
@@ -114,6 +115,8 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
         return bool(self._sum_over_workers([1.0 if flag else 0.0], chief_only=False)[0] > 0)
 
     def prepare_call(self, model, method, arguments):
+        if one_iterator_fit(model, method, arguments, data_lib.shuffle_seed()):
+            return arguments
         return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())
 
     splits_predict = True

@@ -74,6 +74,22 @@ def _host_arrays(structure):
     return keras.tree.map_structure(np.asarray, structure)
 
 
+def epoch_order(num_examples, seed, epoch):
+    """The order of the examples in epoch `epoch` of a shuffled `fit`: a
+    permutation drawn from `(seed, epoch)`, the same on every worker and in a
+    resumed run.
+
+    Args:
+        num_examples: how many examples the input has.
+        seed: the shuffle seed (`shuffle_seed()`).
+        epoch: the training epoch (from 0).
+
+    Returns:
+        An int64 numpy array, a permutation of `range(num_examples)`.
+    """
+    return np.random.default_rng((int(seed), int(epoch))).permutation(num_examples)
+
+
 class ShuffledShards(keras.utils.PyDataset):
     """One worker's share of in-memory arrays, reshuffled globally each epoch.
 
@@ -95,7 +111,7 @@ class ShuffledShards(keras.utils.PyDataset):
         self._reindex()
 
     def _reindex(self):
-        self.order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else None
+        self.order = epoch_order(self.n, self.seed, self.epoch) if self.shuffle else None
 
     def __len__(self):
         return math.ceil(self.n / self.global_batch)
