@@ -49,7 +49,7 @@ CASES = {
     ("tensorflow", "central_storage"): (True, ["ks", "native"]),
     ("jax", "central_storage"): (True, ["ks"]),
     ("torch", "central_storage"): (True, ["ks"]),
-    ("tensorflow", "multi_worker"): (False, ["ks", "native_tape", "native_tape_epochs"]),
+    ("tensorflow", "multi_worker"): (False, ["ks", "native_tape", "native_tape_epochs", "ks_epoch_iterators"]),
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
     ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit", "ks_keras_loss"]),
@@ -59,7 +59,7 @@ CASES = {
     ("torch", "parameter_server"): (False, ["ks"]),
 }
 
-ON_REQUEST = {"ks_keras_loss", "native_tape_epochs"}  # run only when --methods names them
+ON_REQUEST = {"ks_keras_loss", "native_tape_epochs", "ks_epoch_iterators"}  # run only when --methods names them
 
 NOT_RUN = {
     ("tensorflow", "multi_worker", "native"):
@@ -124,6 +124,8 @@ LABELS = {
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
     "keras_fit": "plain Keras fit, no distribution (Keras's own step cost)",
     "ks_keras_loss": "keras_strategies with Keras's own loss path (before backends/torch/fused_loss.py)",
+    "ks_epoch_iterators": "keras_strategies with a new input iterator each epoch, as Keras makes "
+        "(before backends/tensorflow/one_iterator.py)",
 }
 
 CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -385,7 +387,7 @@ def _parser():
     parser.add_argument("--workloads", default=None, help=f"comma list of {','.join(WORKLOADS)}")
     parser.add_argument("--methods", default=None,
                         help="comma list limiting the methods (ks, native, native_sync_bn, keras_ddp, torch_ddp, "
-                             "keras_fit; on request only: ks_keras_loss)")
+                             "keras_fit; on request only: ks_keras_loss, native_tape_epochs, ks_epoch_iterators)")
     parser.add_argument("--replicas", default="1,2", help="replica counts to measure (scaling needs 1,2)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="A B rounds per case (default: 3, --quick 2; 1 at 1 replica unless given)")

@@ -27,6 +27,9 @@ Methods:
                go below) beside the torch.nn loop
     ks_keras_loss  torch: ks with Keras's own loss and loss-tracker calls instead
                of backends/torch/fused_loss.py (what it buys; on request only)
+    ks_epoch_iterators  TF multi_worker: ks with a new input iterator each
+               epoch, as Keras makes (before backends/tensorflow/one_iterator.py;
+               on request only)
 
 Writes OUT.rank{RANK}.json with per-epoch samples/s, time from the fit call (or
 loop start) to the first finished step, and this process's peak RSS.
@@ -46,7 +49,8 @@ from workloads import OPTIMIZERS, build_keras, build_torch, keras_optimizer, mak
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "native_tape", "native_tape_epochs", "keras_ddp",
-                                                      "torch_ddp", "keras_fit", "ks_keras_loss"])
+                                                      "torch_ddp", "keras_fit", "ks_keras_loss",
+                                                      "ks_epoch_iterators"])
 parser.add_argument("--strategy", required=True,
                     choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
@@ -100,7 +104,7 @@ elif BACKEND == "torch":
     torch.set_num_interop_threads(1)
 
 METHOD = args.method  # as asked for, in the output
-if args.method == "ks_keras_loss":
+if args.method in ("ks_keras_loss", "ks_epoch_iterators"):
     args.method = "ks"
 strategy = None
 if args.method == "ks":
@@ -124,6 +128,10 @@ if METHOD == "ks_keras_loss":
     from keras_strategies.backends.torch import fused_loss
 
     fused_loss.loss, fused_loss.track = (lambda *a: None), (lambda *a: False)
+if METHOD == "ks_epoch_iterators":
+    from keras_strategies.backends.tensorflow import one_iterator
+
+    one_iterator.applies = lambda model, arguments: False
 SYNC_BN = args.method == "native_sync_bn"
 if SYNC_BN:
     args.method = "native"  # the native run, with synchronized BatchNormalization
