@@ -31,8 +31,8 @@ parser.add_argument("--batch-norm", action="store_true")
 parser.add_argument("--kind", default="functional", help="a model kind of tests/models.py")
 parser.add_argument("--coverage", action="store_true", help="first, one shuffled epoch of one-hot examples")
 parser.add_argument("--count-threads", action="store_true",
-                    help="last, a shuffled fit of 2 epochs of 40 steps, counting this process's threads after "
-                         "each (and, on TensorFlow, the input iterators it makes)")
+                    help="last, a shuffled fit of 2 epochs of 40 steps and a validation each, counting this "
+                         "process's threads after each (and, on TensorFlow, the input iterators it makes)")
 args = parser.parse_args()
 
 strategy = ks.MultiWorkerMirrored()
@@ -160,7 +160,7 @@ if args.count_threads:  # the threads of a long run must not grow with its steps
     longer_x, longer_y = make_data(n=16 * steps_per_epoch)
     build(args.kind, weights, args.batch_norm).fit(
         longer_x, longer_y, batch_size=16, epochs=2, shuffle=True, verbose=0, callbacks=[CountThreads()],
-        distribution=strategy)
+        validation_data=(x[:32], y[:32]), distribution=strategy)
     threads = {"after_each_epoch": threads, "steps_per_epoch": steps_per_epoch, "iterators": len(iterators)}
 
 np.savez(os.path.join(args.out, f"weights{rank}.npz"), *model.get_weights())

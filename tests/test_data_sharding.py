@@ -140,7 +140,7 @@ def test_tensorflow_one_iterator_input_has_each_epochs_batches():
     def fit_arguments(**kwargs):
         def fit(x=None, y=None, batch_size=None, epochs=1, callbacks=None, validation_split=0.0,
                 validation_data=None, shuffle=True, class_weight=None, sample_weight=None, initial_epoch=0,
-                steps_per_epoch=None):
+                steps_per_epoch=None, validation_steps=None, validation_batch_size=None):
             pass
 
         return inspect.signature(fit).bind(**kwargs)
@@ -148,11 +148,18 @@ def test_tensorflow_one_iterator_input_has_each_epochs_batches():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile(loss="mse", steps_per_execution=2)  # 5 batches: not a whole number of executions
     assert not one_iterator.one_iterator_fit(model, "fit", fit_arguments(x=x, y=y, batch_size=batch), 0)
-    model.compile(loss="mse", steps_per_execution=4)  # 27 examples for training: 4 batches
+    model.compile(loss="mse", steps_per_execution=2)  # 27 examples for training: 4 batches
     arguments = fit_arguments(x=x, y=y, batch_size=batch, validation_split=0.25)
     assert one_iterator.one_iterator_fit(model, "fit", arguments, 0)
     a = arguments.arguments
-    assert a["steps_per_epoch"] == 4 and a["y"] is None and len(a["validation_data"][0]) == 10  # 37 * 0.25
+    assert a["steps_per_epoch"] == 4 and a["y"] is None  # 27 examples of 37 for training
+    validation = first_batches(a["validation_data"], 6)  # the last 10 examples, 2 batches an epoch
+    assert a["validation_steps"] == 2 and [len(b[1]) for b in validation] == [8, 2, 8, 2, 8, 2]
+    assert np.array_equal(validation[1][1], y[35:]) and np.array_equal(validation[3][1], y[35:])
+    assert getattr(a["validation_data"], one_iterator.WHOLE_EPOCHS)
+    arguments = fit_arguments(x=x[:32], y=y[:32], batch_size=batch, validation_data=(x[:17], y[:17]))
+    assert one_iterator.one_iterator_fit(model, "fit", arguments, 0)
+    assert isinstance(arguments.arguments["validation_data"], tuple)  # 3 batches: not whole executions of 2
     backup = keras.callbacks.BackupAndRestore("unused")
     model.compile(loss="mse")
     for kwargs in (dict(steps_per_epoch=2), dict(shuffle="batch"), dict(callbacks=[backup])):

@@ -12,7 +12,11 @@ Here the arrays of a `fit` call become one endless `tf.data.Dataset` whose
 epoch `e` holds exactly the batches Keras would make for it (in order, or in
 `data.epoch_order(n, seed, e)` when shuffled, as `data.ShuffledShards` draws
 it), and `steps_per_epoch` its number of batches: Keras then keeps one
-iterator over it for the whole call.
+iterator over it for the whole call. Validation arrays become one endless
+dataset of their batches too, with `validation_steps` its number of batches;
+Keras's `evaluate` drops its iterator at each validation (`EpochIterator.reset`),
+which `keeping_whole_epochs_iterator` (patch "tf-one-validation-iterator")
+keeps for these datasets alone.
 """
 
 import math
@@ -24,6 +28,18 @@ from keras.src.trainers.data_adapters import array_slicing
 from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
 from keras_strategies.implementation import data as data_lib
+
+
+WHOLE_EPOCHS = "_keras_strategies_whole_epochs"  # marks the datasets made here
+
+
+def _plain_arrays(*structures):
+    leaves = [leaf for part in structures for leaf in tree.flatten(part) if leaf is not None]
+    return bool(leaves) and all(isinstance(leaf, np.ndarray) and leaf.dtype != object for leaf in leaves)
+
+
+def _whole_executions(model, batches):
+    return batches % max(1, int(getattr(model, "steps_per_execution", 1) or 1)) == 0
 
 
 def applies(model, arguments):
@@ -41,11 +57,23 @@ def applies(model, arguments):
     shuffle = a.get("shuffle", True)
     if shuffle and any(isinstance(c, keras.callbacks.BackupAndRestore) for c in a.get("callbacks") or ()):
         return False  # a resumed run's epochs keep their orders through ShuffledShards.set_epoch
-    leaves = [leaf for part in ("x", "y", "sample_weight") for leaf in tree.flatten(a.get(part)) if leaf is not None]
-    if not all(isinstance(leaf, np.ndarray) and leaf.dtype != object for leaf in leaves):
+    if not _plain_arrays(a.get("x"), a.get("y"), a.get("sample_weight")):
         return False
-    batches = math.ceil(len(leaves[0]) / (a.get("batch_size") or 32))
-    return batches % max(1, int(getattr(model, "steps_per_execution", 1) or 1)) == 0
+    return _whole_executions(model, math.ceil(data_lib.num_examples(a.get("x")) / (a.get("batch_size") or 32)))
+
+
+def validation_applies(model, arguments):
+    """Whether this `fit` call's validation data can become one endless
+    dataset: a tuple of arrays, no `validation_steps` of the user's, an
+    execution size that divides its batches."""
+    a = arguments.arguments
+    data = a.get("validation_data")
+    if a.get("validation_steps") is not None or not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        return False
+    if not _plain_arrays(*data):
+        return False
+    batch = a.get("validation_batch_size") or a.get("batch_size") or 32
+    return _whole_executions(model, math.ceil(data_lib.num_examples(data[0]) / batch))
 
 
 def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed, first_epoch):
@@ -93,7 +121,9 @@ def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed
     options.experimental_optimization.apply_default_optimizations = False  # as Keras: no graph rewrite
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE), adapter._size
+    dataset = dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+    setattr(dataset, WHOLE_EPOCHS, True)
+    return dataset, adapter._size
 
 
 def one_iterator_fit(model, method, arguments, seed):
@@ -108,14 +138,21 @@ def one_iterator_fit(model, method, arguments, seed):
         seed: the shuffle seed, the same on every worker.
 
     Returns:
-        Whether the call was rewritten.
+        Whether the call's training input was rewritten (its validation
+        arrays may be, either way).
     """
     if method != "fit":
         return False
     data_lib.split_validation(arguments)
+    a = arguments.arguments
+    if validation_applies(model, arguments):
+        data = a["validation_data"]
+        a["validation_data"], a["validation_steps"] = endless_batches(
+            *data, *([None] * (3 - len(data))), a.get("validation_batch_size") or a.get("batch_size") or 32,
+            None, False, seed, 0)
+        a["validation_batch_size"] = None
     if not applies(model, arguments):
         return False
-    a = arguments.arguments
     dataset, steps = endless_batches(
         a.get("x"), a.get("y"), a.get("sample_weight"), a.get("batch_size") or 32, a.get("class_weight"),
         bool(a.get("shuffle", True)), seed, a.get("initial_epoch", 0) or 0)
@@ -123,3 +160,20 @@ def one_iterator_fit(model, method, arguments, seed):
     a["y"] = a["sample_weight"] = a["batch_size"] = a["class_weight"] = None
     a["shuffle"] = False
     return True
+
+
+def keeping_whole_epochs_iterator(original):
+    """`EpochIterator.reset` that keeps the iterator of a dataset made here
+    (each run takes whole epochs of it, so the next starts where an epoch
+    does): `evaluate` resets its epoch iterator at every validation of a
+    `fit`, which under `MultiWorkerMirroredStrategy` made a new distributed
+    iterator each epoch."""
+
+    def reset(self):
+        dataset = getattr(getattr(self, "data_adapter", None), "_dataset", None)
+        kept = self._current_iterator if getattr(dataset, WHOLE_EPOCHS, False) else None
+        original(self)
+        if kept is not None:
+            self._current_iterator = kept
+
+    return reset

@@ -42,7 +42,8 @@ def is_array_like(x):
     )
 
 
-def _num_examples(x):
+def num_examples(x):
+    """How many examples the arrays `x` (any nest) hold."""
     return int(keras.tree.flatten(x)[0].shape[0])
 
 
@@ -107,7 +108,7 @@ class ShuffledShards(keras.utils.PyDataset):
         self.x, self.y, self.sample_weight = (_host_arrays(a) for a in (x, y, sample_weight))
         self.global_batch, self.rank, self.world = global_batch, rank, world
         self.seed, self.epoch, self.shuffle = seed, 0, shuffle
-        self.n = _num_examples(x)
+        self.n = num_examples(x)
         self._reindex()
 
     def _reindex(self):
@@ -188,7 +189,7 @@ def shard_input(x, y, sample_weight, batch_size, shuffle, rank, world, strategy,
                 f"{strategy!r}: batch_size={global_batch} (the global batch) is "
                 f"not a multiple of the {world} workers. Use a multiple of {world}."
             )
-        n = _num_examples(x)
+        n = num_examples(x)
         check_splittable(n, global_batch, world, strategy)
         data = ShuffledShards(x, y, sample_weight, global_batch, rank, world, seed,
                               shuffle=bool(shuffle) and shuffle != "batch", convert=convert)
@@ -300,7 +301,7 @@ def shard_predict(arguments, rank, world):
     x = a.get("x")
     if not is_array_like(x):
         return None
-    n = _num_examples(x)
+    n = num_examples(x)
     lo, hi = chunk_bounds(n, rank, world)
     a["x"] = take(x, slice(lo, hi))  # a view: no copy of the input
     a["batch_size"] = max(1, (a.get("batch_size") or 32) // world)
