@@ -124,7 +124,7 @@ LABELS = {
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
     "keras_fit": "plain Keras fit, no distribution (Keras's own step cost)",
     "ks_keras_loss": "keras_strategies with Keras's own loss path (before backends/torch/fused_loss.py)",
-    "ks_epoch_iterators": "keras_strategies with a new input iterator each epoch, as Keras makes "
+    "ks_epoch_iterators": "keras_strategies with a new input iterator each epoch (and validation), as Keras makes "
         "(before backends/tensorflow/one_iterator.py)",
 }
 
@@ -201,7 +201,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
               "--replicas", str(replicas), "--workload", workload, "--epochs", str(args.epochs),
               "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(threads),
               "--steps-per-execution", str(1 if backend == "torch" else args.steps_per_execution),  # Keras refuses it on torch
-              "--optimizer", args.optimizer, "--out", out]
+              "--optimizer", args.optimizer, "--validation-batches", str(args.validation_batches), "--out", out]
     if servers:
         worker = [sys.executable, PS_WORKER, "--method", method, "--workload", workload, "--epochs",
                   str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--out", out]
@@ -394,6 +394,9 @@ def _parser():
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (the first is left out)")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--validation-batches", type=int, default=0,
+                        help="Keras fits (ours and native): validate on this many global batches at each epoch's end; "
+                             "the time of an epoch includes it (TensorFlow's loops do not validate)")
     parser.add_argument("--steps-per-execution", type=int, default=1,
                         help="compile(steps_per_execution=N) for every Keras fit (native tf.distribute fails N > 1 "
                              "with several replicas: the run shows it)")
@@ -480,7 +483,7 @@ def _write(data, args, runs):
 
 # what the runs of a resumed run must share with the interrupted one's
 RESUME_OPTIONS = ("quick", "backends", "strategies", "workloads", "methods", "replicas", "repeats", "epochs", "steps",
-                  "batch", "steps_per_execution", "optimizer")
+                  "batch", "steps_per_execution", "optimizer", "validation_batches")
 
 
 def _options(args):
@@ -538,7 +541,7 @@ def main(argv=None):
         config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
                     steps_per_epoch=args.steps, steps_per_execution=args.steps_per_execution, global_batch=args.batch,
                     optimizer=describe_optimizer(args.optimizer),
-                    shuffle=False, metrics=None, threads=THREADS),
+                    shuffle=False, metrics=None, validation_batches=args.validation_batches, threads=THREADS),
     )
     partial = args.out + ".partial"
     runs, done = _resume(meta, partial, now) if args.resume else ([], set())

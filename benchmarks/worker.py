@@ -28,8 +28,8 @@ Methods:
     ks_keras_loss  torch: ks with Keras's own loss and loss-tracker calls instead
                of backends/torch/fused_loss.py (what it buys; on request only)
     ks_epoch_iterators  TF multi_worker: ks with a new input iterator each
-               epoch, as Keras makes (before backends/tensorflow/one_iterator.py;
-               on request only)
+               epoch and each validation, as Keras makes (before
+               backends/tensorflow/one_iterator.py; on request only)
 
 Writes OUT.rank{RANK}.json with per-epoch samples/s, time from the fit call (or
 loop start) to the first finished step, and this process's peak RSS.
@@ -61,6 +61,8 @@ parser.add_argument("--batch", type=int, default=256, help="global batch")
 parser.add_argument("--threads", type=int, default=1, help="intra-op threads of this process")
 parser.add_argument("--steps-per-execution", type=int, default=1, help="compile(steps_per_execution=N)")
 parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
+parser.add_argument("--validation-batches", type=int, default=0,
+                    help="Keras fits: validate on this many global batches at each epoch's end")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -131,7 +133,7 @@ if METHOD == "ks_keras_loss":
 if METHOD == "ks_epoch_iterators":
     from keras_strategies.backends.tensorflow import one_iterator
 
-    one_iterator.applies = lambda model, arguments: False
+    one_iterator.applies = one_iterator.validation_applies = lambda model, arguments: False
 SYNC_BN = args.method == "native_sync_bn"
 if SYNC_BN:
     args.method = "native"  # the native run, with synchronized BatchNormalization
@@ -215,6 +217,9 @@ def run_keras_fit():
     timer = Timer()
     fit_kwargs = dict(batch_size=args.batch, epochs=args.epochs, shuffle=False, verbose=0,
                       callbacks=[timer])
+    if args.validation_batches:  # the first examples (the time of each epoch includes its validation)
+        held = args.validation_batches * args.batch
+        fit_kwargs["validation_data"] = (x[:held], y[:held])
     if args.method == "ks":
         model = build_keras(args.workload)
         compile_model(model)
