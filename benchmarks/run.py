@@ -22,6 +22,7 @@ interleaved comparison whichever session measured it.
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -157,8 +158,10 @@ def applies(method, workload, replicas):
     return method != "native_sync_bn" or workload == "bn_convnet"
 
 
-def run_env(backend, threads):
+def run_env(backend, threads, device="cpu"):
     env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run stays on the CPU on a machine with GPUs too
     env.update(
         KERAS_BACKEND=backend,
         PYTHONUNBUFFERED="1",
@@ -167,10 +170,10 @@ def run_env(backend, threads):
         MKL_NUM_THREADS=str(threads),
         TF_NUM_INTRAOP_THREADS=str(threads),
         TF_NUM_INTEROP_THREADS=str(threads),
-        # one XLA CPU thread per device (each replica is a device)
-        XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
         PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
     )
+    if device == "cpu":  # one XLA CPU thread per device (each replica is a device)
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     return env
 
 
@@ -201,7 +204,8 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
               "--replicas", str(replicas), "--workload", workload, "--epochs", str(args.epochs),
               "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(threads),
               "--steps-per-execution", str(1 if backend == "torch" else args.steps_per_execution),  # Keras refuses it on torch
-              "--optimizer", args.optimizer, "--validation-batches", str(args.validation_batches), "--out", out]
+              "--optimizer", args.optimizer, "--validation-batches", str(args.validation_batches), "--device", args.device,
+              "--out", out]
     if servers:
         worker = [sys.executable, PS_WORKER, "--method", method, "--workload", workload, "--epochs",
                   str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--out", out]
@@ -211,7 +215,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
         command = [sys.executable, "-m", "keras_strategies.launch", "--nproc-per-node", str(processes),
                    *(["--num-ps", "1"] if servers else []), "--timeout", str(args.timeout), *worker[1:]]
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env=run_env(backend, threads), cwd=ROOT, text=True,
+    proc = subprocess.Popen(command, env=run_env(backend, threads, args.device), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=args.timeout + 30)
@@ -348,15 +352,24 @@ def machine():
             memory = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
     except (OSError, ValueError, IndexError):
         pass
-    return dict(platform=platform.platform(), python=platform.python_version(), cpu=cpu,
-                cores=os.cpu_count(), memory_gib=memory)
+    found = dict(platform=platform.platform(), python=platform.python_version(), cpu=cpu,
+                 cores=os.cpu_count(), memory_gib=memory)
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+        if gpus:
+            found["gpus"] = gpus.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return found
 
 
 def versions():
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("keras", "tensorflow-cpu", "jax", "jaxlib", "torch", "keras-strategies"):
+    for name in ("keras", "tensorflow-cpu", "tensorflow", "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin",
+                 "torch", "keras-strategies"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -388,7 +401,8 @@ def _parser():
     parser.add_argument("--methods", default=None,
                         help="comma list limiting the methods (ks, native, native_sync_bn, keras_ddp, torch_ddp, "
                              "keras_fit; on request only: ks_keras_loss, native_tape_epochs, ks_epoch_iterators)")
-    parser.add_argument("--replicas", default="1,2", help="replica counts to measure (scaling needs 1,2)")
+    parser.add_argument("--replicas", default=None,
+                        help="replica counts to measure (scaling needs 1,2; default 1,2, with --device gpu 1)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="A B rounds per case (default: 3, --quick 2; 1 at 1 replica unless given)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (the first is left out)")
@@ -403,6 +417,11 @@ def _parser():
     parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS),
                         help="the Keras optimizer of every fit, and its torch.optim twin in the DDP loops "
                              "(benchmarks/workloads.py OPTIMIZERS); parameter_server runs keep Adam")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                        help="cpu (default; GPUs hidden): replicas are CPU devices or processes. gpu: one GPU per "
+                             "replica (ours and native alike: Mirrored over gpu:0..., DDP with nccl); only the "
+                             "one-GPU cases by default (replicas 1, no CentralStorage or ParameterServer), and a "
+                             "backend whose engine is not installed is left out with a line saying so")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per measurement")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "results.json"))
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -420,9 +439,14 @@ def _plan(args, workloads, replica_counts):
     """The (backend, strategy, workload, replicas) cases to measure."""
     plan = []
     for backend in args.backends.split(","):
+        if args.device == "gpu" and importlib.util.find_spec(backend) is None:
+            print(f"--device gpu: {backend} is left out: its engine is not installed on this machine", flush=True)
+            continue
         for strategy in args.strategies.split(","):
             if (backend, strategy) not in CASES:
                 continue
+            if args.device == "gpu" and strategy in ("central_storage", "parameter_server"):
+                continue  # several processes or devices sharing one GPU would measure nothing of either
             for workload in workloads:
                 for replicas in replica_counts:
                     if strategy == "default" and replicas != 1:
@@ -482,7 +506,7 @@ def _write(data, args, runs):
 
 
 # what the runs of a resumed run must share with the interrupted one's
-RESUME_OPTIONS = ("quick", "backends", "strategies", "workloads", "methods", "replicas", "repeats", "epochs", "steps",
+RESUME_OPTIONS = ("quick", "device", "backends", "strategies", "workloads", "methods", "replicas", "repeats", "epochs", "steps",
                   "batch", "steps_per_execution", "optimizer", "validation_batches")
 
 
@@ -531,6 +555,7 @@ def main(argv=None):
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.epochs = args.epochs or 4
     args.steps = args.steps or 50
+    args.replicas = args.replicas or ("1" if args.device == "gpu" else "1,2")
     plan = _plan(args, workloads, [int(n) for n in args.replicas.split(",")])
     started = time.perf_counter()
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -539,7 +564,7 @@ def main(argv=None):
         command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
         config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
-                    steps_per_epoch=args.steps, steps_per_execution=args.steps_per_execution, global_batch=args.batch,
+                    device=args.device, steps_per_epoch=args.steps, steps_per_execution=args.steps_per_execution, global_batch=args.batch,
                     optimizer=describe_optimizer(args.optimizer),
                     shuffle=False, metrics=None, validation_batches=args.validation_batches, threads=THREADS),
     )

@@ -63,6 +63,8 @@ parser.add_argument("--steps-per-execution", type=int, default=1, help="compile(
 parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
 parser.add_argument("--validation-batches", type=int, default=0,
                     help="Keras fits: validate on this many global batches at each epoch's end")
+parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                    help="gpu: one GPU per replica for ours and the native ways (DDP on nccl)")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -112,13 +114,13 @@ strategy = None
 if args.method == "ks":
     import keras_strategies as ks  # before the backend starts
 
-    cpus = [f"cpu:{i}" for i in range(args.replicas)]
+    devices = [f"{args.device}:{i}" for i in range(args.replicas)]
     if args.strategy == "default":
         strategy = ks.Default()
     elif args.strategy == "mirrored":
-        strategy = ks.Mirrored(devices=cpus)
+        strategy = ks.Mirrored(devices=devices)
     elif args.strategy == "central_storage":
-        strategy = ks.CentralStorage(devices=cpus)
+        strategy = ks.CentralStorage(devices=devices)
     else:
         strategy = ks.MultiWorkerMirrored()
 
@@ -143,11 +145,12 @@ elif args.method == "native":
     if BACKEND == "tensorflow":
         if args.strategy == "multi_worker":
             raise SystemExit("native MultiWorkerMirrored with Keras 3 fit does not run (keras#20585)")
-        cpus = tf.config.list_physical_devices("CPU")
-        tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(args.replicas)]
-        )
-        devices = [f"/cpu:{i}" for i in range(args.replicas)]
+        if args.device == "cpu":
+            cpus = tf.config.list_physical_devices("CPU")
+            tf.config.set_logical_device_configuration(
+                cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(args.replicas)]
+            )
+        devices = [f"/{args.device}:{i}" for i in range(args.replicas)]
         if args.strategy == "central_storage":
             native = tf.distribute.experimental.CentralStorageStrategy(
                 compute_devices=devices, parameter_device="/cpu:0")
@@ -156,7 +159,7 @@ elif args.method == "native":
     elif BACKEND == "jax":
         import jax
 
-        if args.strategy == "mirrored":
+        if args.strategy == "mirrored" and args.device == "cpu":
             jax.config.update("jax_num_cpu_devices", args.replicas)
         elif WORLD > 1:
             # CPU collectives between processes need gloo (GPUs/TPUs ignore it).
@@ -166,7 +169,7 @@ elif args.method == "native":
                 num_processes=WORLD,
                 process_id=RANK,
             )
-        native = keras.distribution.DataParallel(devices=jax.devices())
+        native = keras.distribution.DataParallel(devices=jax.devices()[:args.replicas] if WORLD == 1 else jax.devices())
         keras.distribution.set_distribution(native)
     else:
         raise SystemExit("torch has no native Keras fit distribution; use keras_ddp / torch_ddp")
@@ -260,21 +263,26 @@ def run_torch_loop():
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=300))
+    gpu = args.device == "gpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", RANK))) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=__import__("datetime").timedelta(seconds=300))
     torch.manual_seed(0)
     set_seed(0)
     xs = x
     if args.method == "torch_ddp":
-        model = build_torch(args.workload)
+        model = build_torch(args.workload).to(device)
         if xs.ndim == 4:
             xs = np.ascontiguousarray(xs.transpose(0, 3, 1, 2))  # NHWC -> NCHW
     else:
-        model = build_keras(args.workload)  # a torch.nn.Module under the torch backend
+        model = build_keras(args.workload)  # a torch.nn.Module under the torch backend (on the GPU if any)
     dataset = TensorDataset(torch.from_numpy(xs), torch.from_numpy(y.astype("int64")))
     sampler = DistributedSampler(dataset, num_replicas=WORLD, rank=RANK, shuffle=False)
-    loader = DataLoader(dataset, batch_size=args.batch // WORLD, sampler=sampler)
+    # the DDP tutorial's loader: pinned host batches, copied to the GPU asynchronously
+    loader = DataLoader(dataset, batch_size=args.batch // WORLD, sampler=sampler, pin_memory=gpu)
     start = time.perf_counter()
-    ddp = DDP(model)
+    ddp = DDP(model, device_ids=[device.index] if gpu else None)
     optimizer = torch_optimizer(args.optimizer, ddp.parameters())
     loss_fn = torch.nn.CrossEntropyLoss()
     first = None
@@ -287,6 +295,7 @@ def run_torch_loop():
         steps_seen.append(0)
         for xb, yb in loader:
             steps_seen[-1] += 1
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             if args.method == "keras_ddp":
                 logits = ddp(xb, training=True)
             else:

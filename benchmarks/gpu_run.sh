@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One GPU: keras_strategies against the native way on that GPU, per backend,
+# within a time budget (a lent machine's minutes), most wanted cases first.
+#
+#     bash benchmarks/gpu_run.sh OUT_DIR [SECONDS]
+#
+# First a smoke run of each engine on the GPU (stops here, early, if one
+# fails: no minutes spent on runs that cannot work); then benchmarks/run.py
+# --device gpu case by case: MLP, conv net, BatchNorm conv net, each with
+# JAX (Default, Mirrored) and PyTorch (Default, MultiWorkerMirrored against
+# a hand-written DDP loop), 4 alternating rounds; JAX MultiWorkerMirrored
+# last. Each run.py writes OUT_DIR/gpu-<part>.json; one stopped by the
+# budget leaves OUT_DIR/gpu-<part>.json.partial with the cases it finished
+# (`run.py --resummarize` of a JSON made from it gives the tables).
+# TensorFlow runs too where it is installed. Env: PYTHON, REPEATS, EPOCHS,
+# STEPS, DEVICE (gpu; cpu to try this script on a machine without one).
+set -u
+out=${1:?usage: gpu_run.sh OUT_DIR [SECONDS]}
+budget=${2:-480}
+py=${PYTHON:-python3}
+device=${DEVICE:-gpu}
+end=$(( $(date +%s) + budget ))
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+
+echo "== smoke: each engine trains on the $device"
+for backend in jax torch tensorflow; do
+  $py -c "import $backend" 2>/dev/null || { echo "$backend: not installed, left out"; continue; }
+  methods="ks"
+  [ $backend = torch ] && methods="ks torch_ddp"
+  for method in $methods; do
+    strategy=default
+    [ $method = torch_ddp ] && strategy=multi_worker
+    launcher=()
+    [ $strategy = multi_worker ] && launcher=(-m keras_strategies.launch --nproc-per-node 1 --timeout 120)
+    if ! KERAS_BACKEND=$backend timeout 180 $py "${launcher[@]}" benchmarks/worker.py --method $method \
+        --strategy $strategy --replicas 1 --epochs 2 --steps 3 --device $device --out /tmp/gpu-smoke \
+        > /tmp/gpu-smoke.log 2>&1; then
+      tail -30 /tmp/gpu-smoke.log
+      echo "SMOKE FAILED: $backend $method on the $device; nothing measured"
+      exit 3
+    fi
+    echo "$backend $method: ok ($(cat /tmp/gpu-smoke.rank0.json | head -c 200))"
+  done
+done
+
+part() {  # part NAME run.py-options...
+  local name=$1; shift
+  local left=$(( end - $(date +%s) ))
+  if [ $left -lt 40 ]; then echo "== $name: out of time, not run"; return; fi
+  echo "== $name (${left}s left)"
+  timeout -s TERM $left $py benchmarks/run.py --device $device --replicas 1 --repeats ${REPEATS:-4} \
+    --epochs ${EPOCHS:-4} --steps ${STEPS:-50} --timeout 120 --no-plot --out "$out/gpu-$name.json" "$@"
+}
+for workload in mlp cnn bn_convnet; do
+  part jax-$workload --backends jax --strategies default,mirrored --workloads $workload
+  part torch-$workload --backends torch --strategies default,multi_worker --workloads $workload \
+    --methods ks,native,keras_ddp,torch_ddp
+  part tensorflow-$workload --backends tensorflow --strategies default,mirrored --workloads $workload
+done
+part jax-multi-worker --backends jax --strategies multi_worker --workloads mlp,cnn
+echo "== done"
