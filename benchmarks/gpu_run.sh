@@ -22,6 +22,7 @@ device=${DEVICE:-gpu}
 end=$(( $(date +%s) + budget ))
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the smoke runs worker.py without run.py
 
 echo "== smoke: each engine trains on the $device"
 for backend in jax torch tensorflow; do

@@ -24,7 +24,8 @@ def markdown(data):
     lines = [
         f"Run {meta['date']}"
         + (f" (interrupted, resumed {', '.join(meta['resumed'])})" if meta.get("resumed") else "")
-        + f" on {m['cpu']} ({m['cores']} cores, {m.get('memory_gib')} GiB), {m['platform']}, Python {m['python']}.",
+        + f" on {m['cpu']} ({m['cores']} cores, {m.get('memory_gib')} GiB), {m['platform']}, Python {m['python']}"
+        + (f"; device {cfg['device']}: {'; '.join(m.get('gpus', []))}." if cfg.get("device") == "gpu" else "."),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         f"Load average before/after: {', '.join(f'{x:.2f}' for x in meta['load_average_before'])} / "
         f"{', '.join(f'{x:.2f}' for x in meta['load_average_after'])}. {meta.get('note', '')}".rstrip(),
