@@ -10,10 +10,13 @@
 # JAX (Default, Mirrored) and PyTorch (Default, MultiWorkerMirrored against
 # a hand-written DDP loop), 4 alternating rounds; JAX MultiWorkerMirrored
 # last. Each run.py writes OUT_DIR/gpu-<part>.json; one stopped by the
-# budget leaves OUT_DIR/gpu-<part>.json.partial with the cases it finished
-# (`run.py --resummarize` of a JSON made from it gives the tables).
-# TensorFlow runs too where it is installed. Env: PYTHON, REPEATS, EPOCHS,
-# STEPS, DEVICE (gpu; cpu to try this script on a machine without one).
+# budget leaves OUT_DIR/gpu-<part>.json.partial with every run it finished
+# (`run.py --resume` with the same options goes on from there). Each run
+# leaves out its first WARMUP epochs (default 2: Keras's JAX DataParallel
+# compiles its step again in the second). Env: PYTHON, REPEATS (4), EPOCHS
+# (5), WARMUP (2), STEPS (100),
+# DEVICE (gpu; cpu to try this script on a machine without one).
+# TensorFlow runs too where it is installed.
 set -u
 out=${1:?usage: gpu_run.sh OUT_DIR [SECONDS]}
 budget=${2:-480}
@@ -51,12 +54,15 @@ part() {  # part NAME run.py-options...
   if [ $left -lt 40 ]; then echo "== $name: out of time, not run"; return; fi
   echo "== $name (${left}s left)"
   timeout -s TERM $left $py benchmarks/run.py --device $device --replicas 1 --repeats ${REPEATS:-4} \
-    --epochs ${EPOCHS:-4} --steps ${STEPS:-50} --timeout 120 --no-plot --out "$out/gpu-$name.json" "$@"
+    --epochs ${EPOCHS:-5} --warmup-epochs ${WARMUP:-2} --steps ${STEPS:-100} --timeout 120 --no-plot \
+    --out "$out/gpu-$name.json" "$@"
 }
+# most wanted first: each engine's MLP, then the conv nets
+torch_methods=(--methods ks,native,keras_ddp,torch_ddp)
 for workload in mlp cnn bn_convnet; do
   part jax-$workload --backends jax --strategies default,mirrored --workloads $workload
-  part torch-$workload --backends torch --strategies default,multi_worker --workloads $workload \
-    --methods ks,native,keras_ddp,torch_ddp
+  part torch-multi-worker-$workload --backends torch --strategies multi_worker --workloads $workload "${torch_methods[@]}"
+  part torch-default-$workload --backends torch --strategies default --workloads $workload "${torch_methods[@]}"
   part tensorflow-$workload --backends tensorflow --strategies default,mirrored --workloads $workload
 done
 part jax-multi-worker --backends jax --strategies multi_worker --workloads mlp,cnn

@@ -13,6 +13,12 @@ STRATEGY = {"default": "Default", "mirrored": "Mirrored", "multi_worker": "Multi
             "central_storage": "CentralStorage", "parameter_server": "ParameterServer (replicas = workers)"}
 
 
+def _left_out(cfg):
+    """The leading epochs a run's throughput leaves out, in words."""
+    warmup = cfg.get("warmup_epochs", 1)
+    return "first" if warmup == 1 else f"first {warmup}"
+
+
 def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
@@ -31,7 +37,8 @@ def markdown(data):
         f"{', '.join(f'{x:.2f}' for x in meta['load_average_after'])}. {meta.get('note', '')}".rstrip(),
         "",
         f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s). Global batch {cfg['global_batch']}, "
-        f"{cfg['steps_per_epoch']} steps/epoch, {cfg['epochs']} epochs per run (first left out), "
+        f"{cfg['steps_per_epoch']} steps/epoch, {cfg['epochs']} epochs per run ("
+        f"{_left_out(cfg)} left out), "
         f"{cfg['repeats']} A/B rounds, {cfg.get('optimizer', 'Adam')}, "
         f"steps_per_execution {cfg.get('steps_per_execution', 1)}, no metrics, no shuffling. Threads: {cfg['threads']}.",
         "",

@@ -10,12 +10,14 @@ Every measurement is its own process (several, through keras_strategies.launch,
 for multi-process strategies), with KERAS_BACKEND chosen per run and one
 intra-op thread per replica. For each case (backend, strategy, workload,
 replicas) the methods run alternately, A B B A ..., `--repeats` rounds (by default one at 1 replica). Throughput
-is samples/s per epoch with the first epoch (compilation, tracing, DDP setup)
-left out; the median over every later epoch of every repeat is reported, with
-min-max. Writes JSON, then (report.py) a markdown table and a PNG plot.
-After each case the runs so far are kept in OUT.partial (written atomically):
-`--resume` with the same options measures only the cases still missing, so a
-long run can be stopped (Ctrl-C, a machine taken back) and finished later.
+is samples/s per epoch with the first epoch (compilation, tracing, DDP setup;
+`--warmup-epochs` sets how many) left out; the median over every later epoch of every
+repeat is reported, with min-max. Writes JSON, then (report.py) a markdown
+table and a PNG plot.
+After each run the runs so far are kept in OUT.partial (written atomically):
+`--resume` with the same options measures only the runs still missing (an
+unfinished case goes on at the round and method where it stopped), so a long
+run can be stopped (Ctrl-C, a machine taken back) and finished later.
 Each case's rounds alternate within the case, so its ratio stays one
 interleaved comparison whichever session measured it.
 """
@@ -237,21 +239,25 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
     if proc.returncode != 0 or len(ranks) != reporting:
         record.update(status="failed", output_tail=output.strip().splitlines()[-15:])
         return classify(record)
+    record.update(status="ok", **steady_state(ranks, args.warmup_epochs))
+    return record
+
+
+def steady_state(ranks, warmup):
+    """What one run's reports (`ranks`, the chief's first) say once its
+    first `warmup` epochs are left out."""
     chief = ranks[0]
-    steady = chief["epoch_seconds"][1:] or chief["epoch_seconds"]
-    record.update(
-        status="ok",
-        samples_per_s=[chief["samples_per_epoch"] / t for t in steady],
+    return dict(
+        samples_per_s=[chief["samples_per_epoch"] / t for t in chief["epoch_seconds"][warmup:]],
         # CPU time of each process (all threads) per sample: the work done,
         # much less sensitive than wall time to the scheduler on a small machine
-        cpu_us_per_sample=[[1e6 * c / r["samples_per_epoch"] for c in r["epoch_cpu_seconds"][1:]]
+        cpu_us_per_sample=[[1e6 * c / r["samples_per_epoch"] for c in r["epoch_cpu_seconds"][warmup:]]
                            for r in ranks if r["epoch_cpu_seconds"]],
         first_epoch_s=chief["epoch_seconds"][0],
         first_step_s=chief["first_step_s"],
         steps_seen=chief["steps_seen"],
         peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
     )
-    return record
 
 
 def median(values):
@@ -406,6 +412,10 @@ def _parser():
     parser.add_argument("--repeats", type=int, default=None,
                         help="A B rounds per case (default: 3, --quick 2; 1 at 1 replica unless given)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (the first is left out)")
+    parser.add_argument("--warmup-epochs", type=int, default=1,
+                        help="leading epochs of each run left out of its throughput (default 1: compilation, "
+                             "tracing, DDP setup; on a GPU 2, since Keras's JAX DataParallel compiles its step "
+                             "again in the second epoch and XLA's GPU client tunes there too)")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--validation-batches", type=int, default=0,
@@ -428,7 +438,7 @@ def _parser():
     parser.add_argument("--no-plot", action="store_true", help="JSON and markdown only")
     parser.add_argument("--resume", action="store_true",
                         help="go on with the interrupted run of the same options kept in OUT.partial: measure "
-                             "only the cases it has not finished")
+                             "only the runs it has not made (an unfinished case goes on where it stopped)")
     parser.add_argument("--resummarize", metavar="JSON",
                         help="measure nothing: classify and summarize the runs of an earlier JSON again "
                              "(after a change to this script's summary), then rewrite it and its tables")
@@ -459,8 +469,12 @@ def _plan(args, workloads, replica_counts):
     return plan
 
 
-def _measure_case(case, args, tmp, started, shown_failing):
-    """Every run of one case, methods alternating A B, B A, ..."""
+def _measure_case(case, args, tmp, started, shown_failing, runs, save):
+    """Every run of one case, methods alternating A B, B A, ...
+
+    Appends each record to `runs` and calls `save()` after it; a (round,
+    method) already in `runs` (a resumed, unfinished case) is not measured
+    again."""
     backend, strategy, workload, replicas = case
     methods = [m for m in CASES[(backend, strategy)][1]
                if (m in args.methods.split(",") if args.methods else m not in ON_REQUEST)
@@ -470,16 +484,18 @@ def _measure_case(case, args, tmp, started, shown_failing):
     rounds = args.repeats
     if not args.repeats_given and (replicas == 1 or (args.quick and strategy == "central_storage")):
         rounds = 1
-    runs = []
+    measured = {(r["method"], r["repeat"]) for r in runs
+                if (r["backend"], r["strategy"], r["workload"], r["replicas"]) == tuple(case)}
     for repeat in range(rounds):
         # A B, then B A, ...: a drift of the machine's speed during a
         # case (seen on shared VMs) then favours neither method
         for method in (methods if repeat % 2 == 0 else methods[::-1]):
-            if (backend, strategy, method, workload, replicas) in shown_failing:
-                continue  # a known native failure, shown once
+            if (backend, strategy, method, workload, replicas) in shown_failing or (method, repeat) in measured:
+                continue  # a known native failure, shown once; or measured before a resume
             record = measure(backend, strategy, method, workload, replicas, args, tmp)
             record["repeat"] = repeat
             runs.append(record)
+            save()
             if native_fails(record):
                 shown_failing.add((backend, strategy, method, workload, replicas))
             thr = record.get("samples_per_s")
@@ -487,7 +503,6 @@ def _measure_case(case, args, tmp, started, shown_failing):
             print(f"[{time.perf_counter() - started:6.0f}s] {backend:10s} {strategy:12s} "
                   f"{workload:10s} x{replicas} {method:9s} #{repeat}: {shown} "
                   f"({record['wall_s']:.0f}s)", flush=True)
-    return runs
 
 
 def _write(data, args, runs):
@@ -506,7 +521,8 @@ def _write(data, args, runs):
 
 
 # what the runs of a resumed run must share with the interrupted one's
-RESUME_OPTIONS = ("quick", "device", "backends", "strategies", "workloads", "methods", "replicas", "repeats", "epochs", "steps",
+RESUME_OPTIONS = ("quick", "device", "backends", "strategies", "workloads", "methods", "replicas", "repeats", "epochs",
+                  "warmup_epochs", "steps",
                   "batch", "steps_per_execution", "optimizer", "validation_batches")
 
 
@@ -515,7 +531,7 @@ def _options(args):
 
 
 def _save_partial(path, meta, runs, done):
-    """The runs so far and the cases finished, atomically (a stop while
+    """The runs so far (an unfinished case's too) and the cases finished, atomically (a stop while
     writing leaves the previous file whole)."""
     with open(path + ".tmp", "w") as f:
         json.dump(dict(meta=meta, runs=runs, done=[list(case) for case in sorted(done)]), f, indent=1)
@@ -554,6 +570,9 @@ def main(argv=None):
     args.repeats_given = args.repeats is not None
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.epochs = args.epochs or 4
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise SystemExit(f"run.py: --warmup-epochs {args.warmup_epochs} leaves no epoch of {args.epochs} to measure; "
+                         f"give --epochs more than --warmup-epochs.")
     args.steps = args.steps or 50
     args.replicas = args.replicas or ("1" if args.device == "gpu" else "1,2")
     plan = _plan(args, workloads, [int(n) for n in args.replicas.split(",")])
@@ -564,6 +583,7 @@ def main(argv=None):
         command=" ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         machine=machine(), versions=versions(), load_average_before=os.getloadavg(), note=args.note,
         config=dict(quick=args.quick, workloads=workloads, repeats=args.repeats, epochs=args.epochs,
+                    warmup_epochs=args.warmup_epochs,
                     device=args.device, steps_per_epoch=args.steps, steps_per_execution=args.steps_per_execution, global_batch=args.batch,
                     optimizer=describe_optimizer(args.optimizer),
                     shuffle=False, metrics=None, validation_batches=args.validation_batches, threads=THREADS),
@@ -576,13 +596,16 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ks-bench-")
     try:
+        def save():
+            meta["wall_s"] = round(before + time.perf_counter() - started, 1)
+            _save_partial(partial, meta, runs, done)
+
         for case in plan:
             if tuple(case) in done:
                 continue
-            runs += _measure_case(case, args, tmp, started, shown_failing)
+            _measure_case(case, args, tmp, started, shown_failing, runs, save)
             done.add(tuple(case))
-            meta["wall_s"] = round(before + time.perf_counter() - started, 1)
-            _save_partial(partial, meta, runs, done)
+            save()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results, comparisons, scaling = summarize(runs)

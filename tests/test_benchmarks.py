@@ -118,12 +118,14 @@ def test_same_process_default_runs_the_same_python_per_step(tmp_path):
 
 
 @pytest.mark.in_process
-def test_an_interrupted_run_resumes_from_the_last_finished_case(tmp_path, monkeypatch):
-    """benchmarks/run.py keeps the runs of every finished case in OUT.partial;
-    stopped in its second case, `--resume` measures that case alone (the
-    first is not measured again), the JSON holds every run and the partial
-    file is gone. A resume with other options is refused, naming them. The
-    measurements are stand-ins: this is the harness's bookkeeping."""
+def test_an_interrupted_run_resumes_at_the_run_where_it_stopped(tmp_path, monkeypatch):
+    """benchmarks/run.py keeps every finished run in OUT.partial, an
+    unfinished case's too; stopped in the middle of its first case's second
+    round, `--resume` measures only the runs still missing (that round's
+    methods in its order, then the next case), the JSON holds every run once
+    and the partial file is gone. A resume with other options is refused,
+    naming them. The measurements are stand-ins: this is the harness's
+    bookkeeping."""
     monkeypatch.setattr(sys, "path", [os.path.join(ROOT, "benchmarks"), *sys.path])  # run.py adds itself too
     import run
 
@@ -141,28 +143,48 @@ def test_an_interrupted_run_resumes_from_the_last_finished_case(tmp_path, monkey
     monkeypatch.setattr(run, "measure", measure)
     out = str(tmp_path / "r.json")
     argv = ["--backends", "torch", "--strategies", "default,central_storage", "--workloads", "mlp",
-            "--replicas", "1,2", "--repeats", "1", "--out", out, "--no-plot"]
-    # the plan: (default, x1): ks then native; (central_storage, x2): ks
+            "--replicas", "1,2", "--repeats", "2", "--out", out, "--no-plot"]
+    # the plan: (default, x1): ks native, native ks; (central_storage, x2): ks, ks
     stop_at = 3
     with pytest.raises(KeyboardInterrupt):
         run.main(argv)
     assert not os.path.exists(out)
     with open(out + ".partial") as f:
         partial = json.load(f)
-    assert partial["done"] == [["torch", "default", "mlp", 1]]
-    assert [r["method"] for r in partial["runs"]] == ["ks", "native"]
+    assert partial["done"] == []
+    assert [(r["method"], r["repeat"]) for r in partial["runs"]] == [("ks", 0), ("native", 0)]
 
     with pytest.raises(SystemExit, match="repeats differ"):
-        run.main(argv[:-5] + ["--repeats", "2", "--out", out, "--no-plot", "--resume"])
+        run.main(argv[:-5] + ["--repeats", "3", "--out", out, "--no-plot", "--resume"])
 
     calls.clear()
     stop_at = None
     assert run.main(argv + ["--resume"]) == 0
-    assert calls == [("central_storage", "ks")]
+    assert calls == [("default", "native"), ("default", "ks"), ("central_storage", "ks"), ("central_storage", "ks")]
     assert not os.path.exists(out + ".partial")
     with open(out) as f:
         data = json.load(f)
-    assert [(r["strategy"], r["method"]) for r in data["runs"]] == [
-        ("default", "ks"), ("default", "native"), ("central_storage", "ks")]
+    assert [(r["strategy"], r["method"], r["repeat"]) for r in data["runs"]] == [
+        ("default", "ks", 0), ("default", "native", 0), ("default", "native", 1), ("default", "ks", 1),
+        ("central_storage", "ks", 0), ("central_storage", "ks", 1)]
     assert len(data["meta"]["resumed"]) == 1 and "date_now" not in data["meta"]
     assert "resumed" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.in_process
+def test_warmup_epochs_leave_out_the_leading_epochs(tmp_path, monkeypatch):
+    """`--warmup-epochs 2` leaves the first two epochs of a run out of its
+    throughput (the second epoch of a Keras DataParallel fit on a GPU compiles
+    again); as many warm-up epochs as epochs is refused."""
+    monkeypatch.setattr(sys, "path", [os.path.join(ROOT, "benchmarks"), *sys.path])
+    import run
+
+    report = dict(epoch_seconds=[4.0, 2.0, 1.0, 0.5], epoch_cpu_seconds=[4.0, 2.0, 1.0, 0.5],
+                  samples_per_epoch=100, first_step_s=0.1, steps_seen=[1] * 4, peak_rss_mib=1.0)
+    args = run._parser().parse_args(["--warmup-epochs", "2", "--epochs", "4"])
+    state = run.steady_state([report], args.warmup_epochs)
+    assert state["samples_per_s"] == [100.0, 200.0]
+    assert state["cpu_us_per_sample"] == [[1e4, 5e3]] and state["first_epoch_s"] == 4.0
+    assert run.steady_state([report], 1)["samples_per_s"] == [50.0, 100.0, 200.0]
+    with pytest.raises(SystemExit, match="warmup-epochs 4 leaves no epoch"):
+        run.main(["--warmup-epochs", "4", "--epochs", "4", "--out", str(tmp_path / "r.json")])
