@@ -103,6 +103,10 @@ PATCHES = (
           "jax.device_put of a host value onto a mesh over processes with different numbers of devices "
           "raises ValueError (its cross-process check assumes the same number everywhere); also active in "
           "MultiWorkerMirrored's scope on JAX, where variables are created."),
+    Patch("jax-one-device-mesh", ("keras.src.backend.jax.distribution_lib:distribute_tensor",),
+          _FIXES.format("jax", "mesh_shardings_kept"), "run", _JAX,
+          "On a one-device mesh Keras keeps a single-device array (its metrics reset to zeros) as "
+          "'equivalent' to the mesh's sharding; the jitted step sees a new input layout and compiles again."),
     Patch("jax-callbacks-local", ("keras.src.callbacks.callback_list:CallbackList.on_*",),
           _FIXES.format("jax", "without_distribution"), "run", _JAX,
           "A callback saving on the chief alone would create cross-process arrays the others never join."),
@@ -263,7 +267,7 @@ def active(names):
         yield
     finally:
         with _lock:
-            for name in names:
+            for name in reversed(names):  # last applied first: two patches of one target unwind in order
                 if name not in _counts:
                     continue  # uninstall() restored it meanwhile
                 _counts[name] -= 1

@@ -170,3 +170,18 @@ def test_every_error_has_one_base():
                   LaunchError):
         assert issubclass(error, ks.KerasStrategiesError)
     assert issubclass(ks.StrategyError, ValueError) and issubclass(ks.WorkerError, RuntimeError)
+
+
+def test_two_run_patches_of_one_target_unwind_to_keras_own():
+    """`epoch-spare-iterator` and `resume-mid-epoch` both replace
+    `EpochIterator._enumerate_iterator` (as `jax-one-device-mesh` and
+    `jax-uneven-device-put` both replace JAX's `distribute_tensor`): entered
+    together, the second wraps the first, and leaving restores the last
+    applied first, so Keras's own function is back, not the first patch's."""
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    own = vars(EpochIterator)["_enumerate_iterator"]
+    with patches.active(("epoch-spare-iterator", "resume-mid-epoch")):
+        assert vars(EpochIterator)["_enumerate_iterator"] is not own
+    assert vars(EpochIterator)["_enumerate_iterator"] is own
+    assert patches.applied() == INSTALLED

@@ -108,7 +108,7 @@ class JaxImplementation(Implementation):
     """A `keras.distribution.DataParallel` mesh over the devices (`native`)."""
 
     backend = "jax"
-    keras_patches = ("jax-indivisible-batch",)
+    keras_patches = ("jax-indivisible-batch", "jax-one-device-mesh")
 
     def __init__(self, strategy, devices):
         super().__init__(strategy, devices)
