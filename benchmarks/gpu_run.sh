@@ -12,8 +12,9 @@
 # last. Each run.py writes OUT_DIR/gpu-<part>.json; one stopped by the
 # budget leaves OUT_DIR/gpu-<part>.json.partial with every run it finished
 # (`run.py --resume` with the same options goes on from there). Each run
-# leaves out its first WARMUP epochs (default 2: Keras's JAX DataParallel
-# compiles its step again in the second). Env: PYTHON, REPEATS (4), EPOCHS
+# leaves out its first WARMUP epochs (default 2: on an H200 the second
+# epoch of most JAX runs was still slow, and Keras's DataParallel over one
+# device compiles its step again there). Env: PYTHON, REPEATS (4), EPOCHS
 # (5), WARMUP (2), STEPS (100),
 # DEVICE (gpu; cpu to try this script on a machine without one).
 # TensorFlow runs too where it is installed.

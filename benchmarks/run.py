@@ -411,11 +411,13 @@ def _parser():
                         help="replica counts to measure (scaling needs 1,2; default 1,2, with --device gpu 1)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="A B rounds per case (default: 3, --quick 2; 1 at 1 replica unless given)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (the first is left out)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per run (the first --warmup-epochs are left out)")
     parser.add_argument("--warmup-epochs", type=int, default=1,
                         help="leading epochs of each run left out of its throughput (default 1: compilation, "
-                             "tracing, DDP setup; on a GPU 2, since Keras's JAX DataParallel compiles its step "
-                             "again in the second epoch and XLA's GPU client tunes there too)")
+                             "tracing, DDP setup). gpu_run.sh gives 2: on an H200 the second epoch was still slow "
+                             "in most JAX runs, plain Keras fit's too, and Keras's DataParallel over one device "
+                             "compiles its step again there")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--validation-batches", type=int, default=0,
