@@ -410,8 +410,15 @@ if mode == "killed" and attempt == 0:
         server.close()
         write("a0-closed")
         hang()
-    wait_for("a0-rank0.pid")
-    client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    deadline = time.monotonic() + 30
+    while True:  # rank 0 may not be listening yet (a loaded machine)
+        try:
+            client = socket.create_connection(("127.0.0.1", port), timeout=30)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     client.recv(1)  # until rank 0 closed
     wait_for("a0-closed")
     os.kill(os.getpid(), signal.SIGKILL)
