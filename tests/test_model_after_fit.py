@@ -141,26 +141,30 @@ def test_a_model_built_in_the_scope_compiles_its_step_once(replica_devices):
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's jit: a step is traced per input layout")
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_jax_fit_traces_its_train_step_once(replicas, replica_devices):
+def test_jax_fit_and_evaluate_trace_their_steps_once(replicas, replica_devices):
     """On a mesh of one device (Mirrored or OneDevice on one GPU) Keras resets
     its metrics to single-device zeros, which the jitted step told apart from
     the mesh-laid-out values it returns, and traced and compiled again at the
-    second step (`jax-one-device-mesh`); two devices: once already. Two epochs
-    with validation: the train step is traced once, and trains as one device."""
+    second step (`jax-one-device-mesh`); two devices: once already. A fit of
+    two epochs with validation, then an evaluate: the train step and the test
+    step are traced once each, and the model trains as on one device."""
     x, y = make_data(n=64)
     want = build("functional", initial_weights("functional"))
     want.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     model = build("functional", initial_weights("functional"))
-    traces = []
-    step = model.train_step
+    traces = {"train_step": 0, "test_step": 0}
+    for name in traces:
+        step = getattr(model, name)
 
-    def train_step(*args, **kwargs):  # runs in Python only when jit traces it
-        traces.append(1)
-        return step(*args, **kwargs)
+        def traced(*args, _step=step, _name=name, **kwargs):  # runs in Python only when jit traces it
+            traces[_name] += 1
+            return _step(*args, **kwargs)
 
-    model.train_step = train_step
+        setattr(model, name, traced)
+    strategy = ks.Mirrored(devices=replica_devices[:replicas])
     model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, validation_data=(x[:32], y[:32]),
-              distribution=ks.Mirrored(devices=replica_devices[:replicas]))
-    assert len(traces) == 1, f"the train step was traced {len(traces)} times"
+              distribution=strategy)
+    model.evaluate(x, y, batch_size=16, verbose=0, distribution=strategy)
+    assert traces == {"train_step": 1, "test_step": 1}, f"steps traced: {traces}"
     for a, b in zip(model.get_weights(), want.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
