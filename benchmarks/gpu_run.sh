@@ -15,7 +15,8 @@
 # leaves out its first WARMUP epochs (default 2: on an H200 the second
 # epoch of most JAX runs was still slow, and Keras's DataParallel over one
 # device compiles its step again there). Env: PYTHON, REPEATS (4), EPOCHS
-# (5), WARMUP (2), STEPS (100),
+# (5), WARMUP (2), STEPS (100), PARTS (the part names to run, in this
+# script's order, e.g. "torch-default-cnn jax-bn_convnet"; default all),
 # DEVICE (gpu; cpu to try this script on a machine without one).
 # TensorFlow runs too where it is installed.
 set -u
@@ -51,6 +52,7 @@ done
 
 part() {  # part NAME run.py-options...
   local name=$1; shift
+  if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then return; fi
   local left=$(( end - $(date +%s) ))
   if [ $left -lt 40 ]; then echo "== $name: out of time, not run"; return; fi
   echo "== $name (${left}s left)"
