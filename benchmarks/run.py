@@ -52,7 +52,8 @@ CASES = {
     ("tensorflow", "central_storage"): (True, ["ks", "native"]),
     ("jax", "central_storage"): (True, ["ks"]),
     ("torch", "central_storage"): (True, ["ks"]),
-    ("tensorflow", "multi_worker"): (False, ["ks", "native_tape", "native_tape_epochs", "ks_epoch_iterators"]),
+    ("tensorflow", "multi_worker"): (False, ["ks", "native_tape", "native_tape_epochs", "ks_epoch_iterators",
+                                             "ks_metric_reads"]),
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
     ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit", "ks_keras_loss"]),
@@ -62,7 +63,7 @@ CASES = {
     ("torch", "parameter_server"): (False, ["ks"]),
 }
 
-ON_REQUEST = {"ks_keras_loss", "native_tape_epochs", "ks_epoch_iterators"}  # run only when --methods names them
+ON_REQUEST = {"ks_keras_loss", "native_tape_epochs", "ks_epoch_iterators", "ks_metric_reads"}  # run only when --methods names them
 
 NOT_RUN = {
     ("tensorflow", "multi_worker", "native"):
@@ -129,6 +130,8 @@ LABELS = {
     "ks_keras_loss": "keras_strategies with Keras's own loss path (before backends/torch/fused_loss.py)",
     "ks_epoch_iterators": "keras_strategies with a new input iterator each epoch (and validation), as Keras makes "
         "(before backends/tensorflow/one_iterator.py)",
+    "ks_metric_reads": "keras_strategies with Keras's own metric resets and reads, a reduction per variable (before "
+        "keras_fixes.assign_without_read and metrics_read_together)",
 }
 
 CLUSTER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -406,7 +409,8 @@ def _parser():
     parser.add_argument("--workloads", default=None, help=f"comma list of {','.join(WORKLOADS)}")
     parser.add_argument("--methods", default=None,
                         help="comma list limiting the methods (ks, native, native_sync_bn, keras_ddp, torch_ddp, "
-                             "keras_fit; on request only: ks_keras_loss, native_tape_epochs, ks_epoch_iterators)")
+                             "keras_fit; on request only: ks_keras_loss, native_tape_epochs, ks_epoch_iterators, "
+                             "ks_metric_reads)")
     parser.add_argument("--replicas", default=None,
                         help="replica counts to measure (scaling needs 1,2; default 1,2, with --device gpu 1)")
     parser.add_argument("--repeats", type=int, default=None,

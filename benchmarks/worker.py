@@ -30,6 +30,10 @@ Methods:
     ks_epoch_iterators  TF multi_worker: ks with a new input iterator each
                epoch and each validation, as Keras makes (before
                backends/tensorflow/one_iterator.py; on request only)
+    ks_metric_reads  TF: ks with Keras's own metric resets and reads, a
+               reduction over the replicas per variable (across workers an
+               all-reduce each), as before keras_fixes.assign_without_read and
+               metrics_read_together (on request only)
 
 Writes OUT.rank{RANK}.json with per-epoch samples/s, time from the fit call (or
 loop start) to the first finished step, and this process's peak RSS.
@@ -50,7 +54,7 @@ from workloads import OPTIMIZERS, build_keras, build_torch, keras_optimizer, mak
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "native_tape", "native_tape_epochs", "keras_ddp",
                                                       "torch_ddp", "keras_fit", "ks_keras_loss",
-                                                      "ks_epoch_iterators"])
+                                                      "ks_epoch_iterators", "ks_metric_reads"])
 parser.add_argument("--strategy", required=True,
                     choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
@@ -108,7 +112,7 @@ elif BACKEND == "torch":
     torch.set_num_interop_threads(1)
 
 METHOD = args.method  # as asked for, in the output
-if args.method in ("ks_keras_loss", "ks_epoch_iterators"):
+if args.method in ("ks_keras_loss", "ks_epoch_iterators", "ks_metric_reads"):
     args.method = "ks"
 strategy = None
 if args.method == "ks":
@@ -132,6 +136,12 @@ if METHOD == "ks_keras_loss":
     from keras_strategies.backends.torch import fused_loss
 
     fused_loss.loss, fused_loss.track = (lambda *a: None), (lambda *a: False)
+if METHOD == "ks_metric_reads":
+    from keras_strategies.backends.tensorflow import base as tf_base
+    from keras_strategies.backends.tensorflow import keras_fixes
+
+    keras_fixes.assign_without_read = lambda variable, value: None
+    tf_base.metrics_read_together = lambda model, strategy: model.get_metrics_result
 if METHOD == "ks_epoch_iterators":
     from keras_strategies.backends.tensorflow import one_iterator
 

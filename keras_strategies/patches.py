@@ -146,6 +146,9 @@ PATCHES = (
     Patch("tf-share-weighted-step", ("Model.train_step",), "", "model", _TF,
           "Each replica's loss is weighted by its share of the global batch (see tf-loss-share); with Keras's "
           "own train_step the count rides along with the gradient all-reduce (tf-replica-local-optimizer)."),
+    Patch("tf-one-metrics-read", ("Model.get_metrics_result",), "", "model", _TF,
+          "Each epoch's and validation's logs read every metric variable with its own reduction (across "
+          "workers an all-reduce each); one reduction reads them all."),
     Patch("tf-synchronized-batchnorm", ("BatchNormalization.synchronized",), "", "model", _TF,
           "MirroredStrategy replicas' BatchNormalization statistics drift apart; use the global batch."),
     Patch("tf-strategy-attributes",

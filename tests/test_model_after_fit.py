@@ -168,3 +168,42 @@ def test_jax_fit_and_evaluate_trace_their_steps_once(replicas, replica_devices):
     assert traces == {"train_step": 1, "test_step": 1}, f"steps traced: {traces}"
     for a, b in zip(model.get_weights(), want.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute's sync-on-read metric variables")
+def test_tf_metrics_are_reset_and_read_without_a_reduction_per_variable(replica_devices):
+    """Under MirroredStrategy (and MultiWorkerMirroredStrategy, where each is
+    an all-reduce between the workers) every read of a metric variable outside
+    a step is a reduction over the replicas. Keras read each one at every
+    epoch's and validation's logs, and once more at each reset (its `assign`
+    reads the value back): two fits of two epochs with validation, then an
+    evaluate, made none of those reads; the logs are one device's."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import values as tf_values
+
+    x, y = make_data(n=64)
+    want = build("functional", initial_weights("functional"))
+    want_history = want.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                            validation_data=(x[:32], y[:32])).history
+    strategy = ks.Mirrored(devices=replica_devices)
+    model = build("functional", initial_weights("functional"))
+    reads = []
+    read = tf_values.SyncOnReadVariable._get_cross_replica
+
+    def counted(self):
+        if tf.executing_eagerly():  # not the symbolic build's reads: a graph that never runs
+            reads.append(self.name)
+        return read(self)
+
+    tf_values.SyncOnReadVariable._get_cross_replica = counted
+    try:
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                            validation_data=(x[:32], y[:32]), distribution=strategy).history
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, distribution=strategy)
+        model.evaluate(x, y, batch_size=16, verbose=0, distribution=strategy)
+    finally:
+        tf_values.SyncOnReadVariable._get_cross_replica = read
+    assert reads == [], f"{len(reads)} reads, one reduction each: {sorted(set(reads))}"
+    assert history.keys() == want_history.keys()
+    for key in want_history:
+        np.testing.assert_allclose(history[key], want_history[key], atol=1e-5, err_msg=key)

@@ -25,6 +25,7 @@ from tensorflow.python.distribute.values import MirroredVariable
 
 from keras_strategies.backends.tensorflow.keras_fixes import (
     local_value,
+    metrics_read_together,
     multi_step_function,
     replica_local_optimizer,
     share_weighted_train_step,
@@ -144,7 +145,8 @@ def reuse_distributed_variables(model, owner):
         return False
     with tf.init_scope():
         for variable, distributed in zip(variables, kept[2]):
-            distributed.assign(tf.convert_to_tensor(local_value(variable._value)))
+            # no read back: on a sync-on-read variable (metrics) a read is a reduction over the replicas
+            distributed.assign(tf.convert_to_tensor(local_value(variable._value)), read_value=False)
             variable._value = distributed
     _index_optimizer_variables(model)
     return True
@@ -209,6 +211,8 @@ def global_batch_training(model, num_replicas, owner):
             model, "train_step", share_weighted_train_step(model.train_step, _folds_count(model)),
             "tf-share-weighted-step"))
         stack.enter_context(replica_local_optimizer(getattr(model, "optimizer", None)))
+        stack.enter_context(overriding(model, "get_metrics_result", metrics_read_together(model, owner.native),
+                                       "tf-one-metrics-read"))
         if model.steps_per_execution > 1:
             for kind in ("train", "test"):
                 stack.enter_context(overriding(model, f"make_{kind}_function", _multi_step_maker(model, kind),
