@@ -211,8 +211,10 @@ def global_batch_training(model, num_replicas, owner):
             model, "train_step", share_weighted_train_step(model.train_step, _folds_count(model)),
             "tf-share-weighted-step"))
         stack.enter_context(replica_local_optimizer(getattr(model, "optimizer", None)))
-        stack.enter_context(overriding(model, "get_metrics_result", metrics_read_together(model, owner.native),
-                                       "tf-one-metrics-read"))
+        if isinstance(owner.native, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+            # where it was measured (TPUStrategy's sync-on-read variables are TPU-specific, not run here)
+            stack.enter_context(overriding(model, "get_metrics_result", metrics_read_together(model, owner.native),
+                                           "tf-one-metrics-read"))
         if model.steps_per_execution > 1:
             for kind in ("train", "test"):
                 stack.enter_context(overriding(model, f"make_{kind}_function", _multi_step_maker(model, kind),

@@ -190,9 +190,9 @@ def variable_update(original):
     - Keras's `assign` reads the variable back (`read_value=True`) and drops
       what it read; on a sync-on-read variable (every metric's state under
       MirroredStrategy and MultiWorkerMirroredStrategy) that read is a
-      reduction over the replicas, across the workers an all-reduce: two per
-      metric at each reset (each epoch, each validation). Assigned without
-      the read.
+      reduction over the replicas, across the workers an all-reduce: one per
+      metric variable at each reset (each epoch, each validation). Assigned
+      without the read.
     """
     name = original.__name__
     native = (ps_values.AggregatingVariable, ps_values.CachingVariable)
