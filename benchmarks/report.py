@@ -34,7 +34,9 @@ def markdown(data):
         + (f"; device {cfg['device']}: {'; '.join(m.get('gpus', []))}." if cfg.get("device") == "gpu" else "."),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         f"Load average before/after: {', '.join(f'{x:.2f}' for x in meta['load_average_before'])} / "
-        f"{', '.join(f'{x:.2f}' for x in meta['load_average_after'])}. {meta.get('note', '')}".rstrip(),
+        + (", ".join(f"{x:.2f}" for x in meta["load_average_after"]) if "load_average_after" in meta
+           else "not recorded: the run was stopped before its end (the runs it finished are summarized)")
+        + f". {meta.get('note', '')}".rstrip(),
         "",
         f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s). Global batch {cfg['global_batch']}, "
         f"{cfg['steps_per_epoch']} steps/epoch, {cfg['epochs']} epochs per run ("
@@ -131,7 +133,9 @@ def draw(data, path):
     m = data["meta"]
     fig.suptitle(f"keras_strategies vs native, {m['date'][:10]}, {m['machine']['cpu']} "
                  f"({m['machine']['cores']} cores); load average before/after "
-                 f"{m['load_average_before'][0]:.2f}/{m['load_average_after'][0]:.2f}", fontsize=9)
+                 f"{m['load_average_before'][0]:.2f}/"
+                 + (f"{m['load_average_after'][0]:.2f}" if "load_average_after" in m else "- (run stopped)"),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

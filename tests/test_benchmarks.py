@@ -7,6 +7,7 @@ asserts no time: the numbers of a smoke run mean nothing.
 """
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -153,6 +154,13 @@ def test_an_interrupted_run_resumes_at_the_run_where_it_stopped(tmp_path, monkey
         partial = json.load(f)
     assert partial["done"] == []
     assert [(r["method"], r["repeat"]) for r in partial["runs"]] == [("ks", 0), ("native", 0)]
+    # a stopped run's partial file can be summarized as it is (a lease ended): its tables say it was stopped
+    stopped = str(tmp_path / "stopped.json")
+    shutil.copy(out + ".partial", stopped)
+    assert run.main(["--resummarize", stopped, "--no-plot"]) == 0
+    stopped_md = (tmp_path / "stopped.md").read_text()
+    assert "stopped before its end" in stopped_md
+    assert "| torch | Default | mlp | 1 | plain Keras fit | 0.50 |" in stopped_md  # ks 1000 / native 2000
 
     with pytest.raises(SystemExit, match="repeats differ"):
         run.main(argv[:-5] + ["--repeats", "3", "--out", out, "--no-plot", "--resume"])
