@@ -151,11 +151,15 @@ if args.count_threads:  # the threads of a long run must not grow with its steps
     if keras.backend.backend() == "tensorflow":
         from tensorflow.python.distribute import input_lib
 
-        def counting_iter(dataset, original=input_lib.DistributedDataset.__iter__):
-            iterators.append(1)
-            return original(dataset)
+        def counting(original):
+            def counting_iter(dataset):
+                iterators.append(1)
+                return original(dataset)
 
-        input_lib.DistributedDataset.__iter__ = counting_iter
+            return counting_iter
+
+        for cls in (input_lib.DistributedDataset, input_lib.DistributedDatasetsFromFunction):
+            cls.__iter__ = counting(cls.__iter__)
     threads, steps_per_epoch = [], 40
     longer_x, longer_y = make_data(n=16 * steps_per_epoch)
     build(args.kind, weights, args.batch_norm).fit(

@@ -167,3 +167,53 @@ def test_tensorflow_one_iterator_input_has_each_epochs_batches():
     assert one_iterator.one_iterator_fit(  # without shuffling, the order is the same every epoch
         model, "fit", fit_arguments(x=x, y=y, batch_size=batch, callbacks=[backup], shuffle=False), 0)
     assert not one_iterator.one_iterator_fit(model, "evaluate", fit_arguments(x=x, y=y), 0)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow MultiWorkerMirrored's input (tf.data); the "
+                    "other backends iterate arrays in numpy")
+def test_tensorflow_one_iterator_workers_make_only_their_replicas_parts():
+    """Given the strategy, `one_iterator.endless_batches` has each worker's
+    pipeline make its own replicas' parts of every global batch (as
+    `numpy.array_split` splits it), not every global batch to keep a share:
+    worker 1 of 2 reads the second part of each of Keras's batches, of the
+    short last batch too; a worker with both replicas takes the two parts in
+    turn. Either way the dataset is known to be endless."""
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from keras_strategies.backends.tensorflow import one_iterator
+
+    class OneWorker:  # distribute_datasets_from_function, for one worker's input pipeline
+        def __init__(self, pipelines, pipeline_id, replicas):
+            self.context = tf.distribute.InputContext(pipelines, pipeline_id, replicas)
+
+        def distribute_datasets_from_function(self, make):
+            return make(self.context)
+
+    n, batch = 37, 8  # 5 batches, the last of 5 examples
+    x = np.arange(n * 3, dtype="float32").reshape(n, 3)
+    y = np.arange(n) % 4
+    keras_batches = list(ArrayDataAdapter(x, y, batch_size=batch).get_numpy_iterator())
+
+    def parts(strategy, count):
+        dataset, steps = one_iterator.endless_batches(x, y, None, batch, None, False, 0, 0, strategy)
+        assert steps == 5 and getattr(dataset, one_iterator.WHOLE_EPOCHS)
+        # known endless: else TensorFlow's distributed iterator has the workers agree at every step on whether
+        # each has input left, an all-reduce a step across processes (~2 ms of 3 a step here)
+        assert int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY
+        return [(np.asarray(bx), np.asarray(by)) for (bx, by), _ in zip(dataset, range(count))]
+
+    for worker in (0, 1):
+        got = parts(OneWorker(2, worker, 2), 10)  # two epochs, a part of each batch
+        for i, (gx, gy) in enumerate(got):
+            kx, ky = keras_batches[i % 5]
+            assert np.array_equal(gx, np.array_split(kx, 2)[worker]) and np.array_equal(gy, np.array_split(ky, 2)[worker])
+    assert [len(gy) for _, gy in parts(OneWorker(2, 1, 2), 5)] == [4, 4, 4, 4, 2]
+
+    got = parts(None, 5)  # no strategy: the global batches
+    assert all(np.array_equal(g[0], k[0]) for g, k in zip(got, keras_batches))
+    got = parts(OneWorker(1, 0, 2), 10)  # one worker, two replicas: both parts of each batch, in turn
+    for i in range(5):
+        kx, _ = keras_batches[i]
+        assert np.array_equal(np.concatenate([got[2 * i][0], got[2 * i + 1][0]]), kx)
+        assert len(got[2 * i][0]) == len(np.array_split(kx, 2)[0])

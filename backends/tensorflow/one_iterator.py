@@ -17,6 +17,16 @@ dataset of their batches too, with `validation_steps` its number of batches;
 Keras's `evaluate` drops its iterator at each validation (`EpochIterator.reset`),
 which `keeping_whole_epochs_iterator` (patch "tf-one-validation-iterator")
 keeps for these datasets alone.
+
+The dataset is said to be endless (`assert_cardinality`): on one of unknown
+cardinality TensorFlow's distributed iterator makes the workers agree at every
+step on whether each has input left, an all-reduce across the processes that
+took ~3 ms a step to read the benchmark CNN's input on 2 CPU workers, ~1 ms
+without (benchmarks/input_pipeline.py). Given the strategy, each worker's
+pipeline makes only its own replicas' parts of each global batch
+(`distribute_datasets_from_function`, as TensorFlow's tutorial), where Keras's
+way, global batches given to `experimental_distribute_dataset`, has every
+worker gather every global batch to keep its share.
 """
 
 import math
@@ -76,7 +86,18 @@ def validation_applies(model, arguments):
     return _whole_executions(model, math.ceil(data_lib.num_examples(data[0]) / batch))
 
 
-def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed, first_epoch):
+def replica_part(indices, replica, replicas):
+    """Replica `replica`'s part of a global batch's `indices`, split as
+    `numpy.array_split` does (the first `len % replicas` parts one longer).
+    Any split trains the same: each replica's loss is weighted by its share of
+    the global batch (`keras_fixes.share_weighted_train_step`)."""
+    size = tf.shape(indices, out_type=tf.int64)[0]
+    base, extra = size // replicas, size % replicas
+    start = replica * base + tf.minimum(replica, extra)
+    return indices[start:start + base + tf.cast(replica < extra, tf.int64)]
+
+
+def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed, first_epoch, strategy=None):
     """Every epoch's batches from `first_epoch` on, as one endless dataset.
 
     Args:
@@ -85,9 +106,17 @@ def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed
         shuffle: whether each epoch draws its own order.
         seed: the shuffle seed, the same on every worker.
         first_epoch: the epoch the dataset starts with (`initial_epoch`).
+        strategy: a `tf.distribute` strategy: the dataset is then distributed
+            over its replicas, each worker making its own replicas' parts of
+            every global batch; None: a dataset of the global batches.
 
     Returns:
         `(dataset, batches_per_epoch)`.
+
+    Example:
+
+    >>> dataset, steps = endless_batches(x, y, None, 256, None, True, 0, 0, strategy)
+    >>> model.fit(dataset, epochs=3, steps_per_epoch=steps)
     """
     # Keras's own conversion: class weights as sample weights, floats as floatx
     adapter = ArrayDataAdapter(x, y, sample_weight, batch_size=batch_size, class_weight=class_weight)
@@ -114,19 +143,38 @@ def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed
     def grab(i, data):
         return tree.map_structure(lambda t: tf.gather(t, i, axis=0), data)
 
-    epochs = tf.data.Dataset.counter(first_epoch).map(indices).prefetch(1).flat_map(batches)
-    dataset = tf.data.Dataset.zip((epochs, tf.data.Dataset.from_tensors(inputs).repeat()))
-    dataset = dataset.map(grab, num_parallel_calls=tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.experimental_optimization.apply_default_optimizations = False  # as Keras: no graph rewrite
-    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+    def pipeline(replicas=1, own=(0,)):  # the batches of replicas `own` (of `replicas`), in turn
+        global_batches = tf.data.Dataset.counter(first_epoch).map(indices).prefetch(1).flat_map(batches)
+        if replicas == 1:
+            parts = global_batches
+        else:
+            parts = global_batches.flat_map(lambda b: tf.data.Dataset.from_tensor_slices(
+                tf.constant(own, tf.int64)).map(lambda r: replica_part(b, r, replicas)))
+        dataset = tf.data.Dataset.zip((parts, tf.data.Dataset.from_tensors(inputs).repeat()))
+        dataset = dataset.map(grab, num_parallel_calls=tf.data.AUTOTUNE)
+        # endless, said so: TensorFlow's distributed iterators make every worker agree at each step on whether
+        # each still has data (an all-reduce a step across processes) unless the dataset is known to be infinite
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+        options = tf.data.Options()
+        options.experimental_optimization.apply_default_optimizations = False  # as Keras: no graph rewrite
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    if strategy is None:
+        dataset = pipeline()
+    else:
+        def worker_pipeline(context):  # a worker's local replicas take its batches in turn
+            local = context.num_replicas_in_sync // context.num_input_pipelines
+            first = context.input_pipeline_id * local
+            return pipeline(context.num_replicas_in_sync, tuple(range(first, first + local)))
+
+        dataset = strategy.distribute_datasets_from_function(worker_pipeline)
     setattr(dataset, WHOLE_EPOCHS, True)
     return dataset, adapter._size
 
 
-def one_iterator_fit(model, method, arguments, seed):
+def one_iterator_fit(model, method, arguments, seed, strategy=None):
     """Rewrites a `fit` call on arrays to one endless dataset and its
     `steps_per_epoch` (see the module's docstring); leaves any other call as
     it is.
@@ -136,6 +184,8 @@ def one_iterator_fit(model, method, arguments, seed):
         method: `"fit"`, `"evaluate"` or `"predict"`.
         arguments: the call's `inspect.BoundArguments` (changed in place).
         seed: the shuffle seed, the same on every worker.
+        strategy: the `tf.distribute` strategy the datasets are distributed
+            over (see `endless_batches`); None: datasets of global batches.
 
     Returns:
         Whether the call's training input was rewritten (its validation
@@ -149,13 +199,13 @@ def one_iterator_fit(model, method, arguments, seed):
         data = a["validation_data"]
         a["validation_data"], a["validation_steps"] = endless_batches(
             *data, *([None] * (3 - len(data))), a.get("validation_batch_size") or a.get("batch_size") or 32,
-            None, False, seed, 0)
+            None, False, seed, 0, strategy)
         a["validation_batch_size"] = None
     if not applies(model, arguments):
         return False
     dataset, steps = endless_batches(
         a.get("x"), a.get("y"), a.get("sample_weight"), a.get("batch_size") or 32, a.get("class_weight"),
-        bool(a.get("shuffle", True)), seed, a.get("initial_epoch", 0) or 0)
+        bool(a.get("shuffle", True)), seed, a.get("initial_epoch", 0) or 0, strategy)
     a["x"], a["steps_per_epoch"] = dataset, steps
     a["y"] = a["sample_weight"] = a["batch_size"] = a["class_weight"] = None
     a["shuffle"] = False
