@@ -53,7 +53,7 @@ CASES = {
     ("jax", "central_storage"): (True, ["ks"]),
     ("torch", "central_storage"): (True, ["ks"]),
     ("tensorflow", "multi_worker"): (False, ["ks", "native_tape", "native_tape_epochs", "ks_epoch_iterators",
-                                             "ks_metric_reads"]),
+                                             "ks_metric_reads", "ks_global_batches"]),
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
     ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit", "ks_keras_loss"]),
@@ -63,7 +63,7 @@ CASES = {
     ("torch", "parameter_server"): (False, ["ks"]),
 }
 
-ON_REQUEST = {"ks_keras_loss", "native_tape_epochs", "ks_epoch_iterators", "ks_metric_reads"}  # run only when --methods names them
+ON_REQUEST = {"ks_keras_loss", "native_tape_epochs", "ks_epoch_iterators", "ks_metric_reads", "ks_global_batches"}  # run only when --methods names them
 
 NOT_RUN = {
     ("tensorflow", "multi_worker", "native"):
@@ -130,6 +130,8 @@ LABELS = {
     "ks_keras_loss": "keras_strategies with Keras's own loss path (before backends/torch/fused_loss.py)",
     "ks_epoch_iterators": "keras_strategies with a new input iterator each epoch (and validation), as Keras makes "
         "(before backends/tensorflow/one_iterator.py)",
+    "ks_global_batches": "keras_strategies with every worker reading every global batch, of unknown cardinality "
+        "(before each worker's pipeline made its own replicas' parts of an endless dataset said to be so)",
     "ks_metric_reads": "keras_strategies with Keras's own metric resets and reads, a reduction per variable (before "
         "keras_fixes.assign_without_read and metrics_read_together)",
 }
@@ -410,7 +412,7 @@ def _parser():
     parser.add_argument("--methods", default=None,
                         help="comma list limiting the methods (ks, native, native_sync_bn, keras_ddp, torch_ddp, "
                              "keras_fit; on request only: ks_keras_loss, native_tape_epochs, ks_epoch_iterators, "
-                             "ks_metric_reads)")
+                             "ks_metric_reads, ks_global_batches)")
     parser.add_argument("--replicas", default=None,
                         help="replica counts to measure (scaling needs 1,2; default 1,2, with --device gpu 1)")
     parser.add_argument("--repeats", type=int, default=None,

@@ -30,6 +30,12 @@ Methods:
     ks_epoch_iterators  TF multi_worker: ks with a new input iterator each
                epoch and each validation, as Keras makes (before
                backends/tensorflow/one_iterator.py; on request only)
+    ks_global_batches  TF multi_worker: ks with every worker reading every
+               global batch and keeping its share (experimental_distribute_dataset
+               of the global batches, as Keras does), of unknown cardinality
+               (the workers agree at each step on whether input is left): before
+               each worker's pipeline made only its own replicas' parts of an
+               endless dataset said to be so (on request only)
     ks_metric_reads  TF: ks with Keras's own metric resets and reads, a
                reduction over the replicas per variable (across workers an
                all-reduce each), as before keras_fixes.assign_without_read and
@@ -49,12 +55,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from workloads import OPTIMIZERS, build_keras, build_torch, keras_optimizer, make_data, set_seed, torch_optimizer  # noqa: E402,E501
+from workloads import (OPTIMIZERS, build_keras, build_torch, keras_optimizer, make_data, set_seed,  # noqa: E402
+                       tf_multi_worker_strategy, torch_optimizer)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "native_tape", "native_tape_epochs", "keras_ddp",
                                                       "torch_ddp", "keras_fit", "ks_keras_loss",
-                                                      "ks_epoch_iterators", "ks_metric_reads"])
+                                                      "ks_epoch_iterators", "ks_metric_reads",
+                                                      "ks_global_batches"])
 parser.add_argument("--strategy", required=True,
                     choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
@@ -112,7 +120,7 @@ elif BACKEND == "torch":
     torch.set_num_interop_threads(1)
 
 METHOD = args.method  # as asked for, in the output
-if args.method in ("ks_keras_loss", "ks_epoch_iterators", "ks_metric_reads"):
+if args.method in ("ks_keras_loss", "ks_epoch_iterators", "ks_metric_reads", "ks_global_batches"):
     args.method = "ks"
 strategy = None
 if args.method == "ks":
@@ -142,6 +150,14 @@ if METHOD == "ks_metric_reads":
 
     keras_fixes.assign_without_read = lambda variable, value: None
     tf_base.metrics_read_together = lambda model, strategy: model.get_metrics_result
+if METHOD == "ks_global_batches":
+    from keras_strategies.backends.tensorflow import multi_worker as tf_multi_worker
+
+    def global_batches(model, method, arguments, seed, strategy=None, original=tf_multi_worker.one_iterator_fit):
+        return original(model, method, arguments, seed)
+
+    tf_multi_worker.one_iterator_fit = global_batches
+    tf.data.experimental.assert_cardinality = lambda cardinality: (lambda dataset: dataset)  # this process only
 if METHOD == "ks_epoch_iterators":
     from keras_strategies.backends.tensorflow import one_iterator
 
@@ -325,22 +341,8 @@ def run_torch_loop():
 
 
 def run_tf_tape_loop():
-    """MultiWorkerMirroredStrategy with TensorFlow's own custom training loop.
-    Each worker's gRPC address is found as keras_strategies finds it (a
-    rendezvous at MASTER_ADDR:MASTER_PORT): TensorFlow needs every address
-    up front, the launcher gives only the coordinator's."""
-    if WORLD > 1:
-        from keras_strategies.cluster.rendezvous import exchange_addresses
-        from keras_strategies.launch.ports import reserve_port
-
-        with reserve_port() as reservation:
-            addresses = exchange_addresses(f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", RANK, WORLD,
-                                           reservation.port, 120)
-            resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-                tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=RANK, rpc_layer="grpc")
-            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-    else:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    """MultiWorkerMirroredStrategy with TensorFlow's own custom training loop."""
+    strategy = tf_multi_worker_strategy()
     set_seed(0)
     start = time.perf_counter()
     with strategy.scope():

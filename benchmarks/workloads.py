@@ -140,3 +140,27 @@ def build_torch(workload):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
         )
     raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
+
+
+def tf_multi_worker_strategy():
+    """A plain `tf.distribute.MultiWorkerMirroredStrategy` over the processes
+    of a launch (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Each worker's
+    gRPC address is found as keras_strategies finds it (a rendezvous at
+    MASTER_ADDR:MASTER_PORT): TensorFlow needs every address up front, the
+    launcher gives only the coordinator's."""
+    import os
+
+    import tensorflow as tf
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    from keras_strategies.cluster.rendezvous import exchange_addresses
+    from keras_strategies.launch.ports import reserve_port
+
+    with reserve_port() as reservation:
+        addresses = exchange_addresses(f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", rank, world,
+                                       reservation.port, 120)
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=rank, rpc_layer="grpc")
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
