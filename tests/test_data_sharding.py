@@ -217,3 +217,47 @@ def test_tensorflow_one_iterator_workers_make_only_their_replicas_parts():
         kx, _ = keras_batches[i]
         assert np.array_equal(np.concatenate([got[2 * i][0], got[2 * i + 1][0]]), kx)
         assert len(got[2 * i][0]) == len(np.array_split(kx, 2)[0])
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow Mirrored's input (tf.data); the other backends "
+                    "batch arrays as Keras does")
+def test_tensorflow_mirrored_reads_one_endless_dataset_shuffled_anew_each_fit():
+    """TensorFlow `Mirrored` turns a fit's arrays into one endless dataset of
+    its replicas' parts (backends/tensorflow/one_iterator.py): each fit draws
+    its own shuffle order (one process: no seed to agree on), the same ones
+    again after `keras.utils.set_random_seed`."""
+    import inspect
+
+    import keras
+
+    from conftest import REPLICA_DEVICES
+    from keras_strategies.backends.tensorflow import one_iterator
+
+    x = np.arange(64 * 2, dtype="float32").reshape(64, 2)
+    y = np.arange(64)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    strategy = ks.Mirrored(devices=REPLICA_DEVICES)
+
+    def first_epoch_labels():
+        def fit(x=None, y=None, batch_size=None, epochs=1, shuffle=True, validation_data=None, initial_epoch=0,
+                steps_per_epoch=None, validation_split=0.0, callbacks=None, class_weight=None, sample_weight=None,
+                validation_steps=None, validation_batch_size=None):
+            pass
+
+        arguments = inspect.signature(fit).bind(x=x, y=y, batch_size=16)
+        strategy._impl.prepare_call(model, "fit", arguments)
+        a = arguments.arguments
+        assert a["steps_per_epoch"] == 4 and getattr(a["x"], one_iterator.WHOLE_EPOCHS)
+        native = strategy._impl.native
+        labels = [np.concatenate([np.asarray(v) for v in native.experimental_local_results(batch[1])])
+                  for batch, _ in zip(a["x"], range(4))]
+        assert sorted(np.concatenate(labels).tolist()) == list(range(64))  # the whole epoch, each example once
+        return np.concatenate(labels)
+
+    keras.utils.set_random_seed(3)
+    first, second = first_epoch_labels(), first_epoch_labels()
+    assert not np.array_equal(first, second)  # a new order for each fit
+    keras.utils.set_random_seed(3)
+    assert np.array_equal(first_epoch_labels(), first) and np.array_equal(first_epoch_labels(), second)
+
