@@ -48,7 +48,7 @@ CASES = {
     ("tensorflow", "default"): (True, ["ks", "native"]),
     ("jax", "default"): (True, ["ks", "native"]),
     ("torch", "default"): (True, ["ks", "native"]),
-    ("tensorflow", "mirrored"): (True, ["ks", "native", "native_sync_bn"]),
+    ("tensorflow", "mirrored"): (True, ["ks", "native", "native_sync_bn", "ks_keras_input"]),
     ("tensorflow", "central_storage"): (True, ["ks", "native"]),
     ("jax", "central_storage"): (True, ["ks"]),
     ("torch", "central_storage"): (True, ["ks"]),
@@ -63,7 +63,8 @@ CASES = {
     ("torch", "parameter_server"): (False, ["ks"]),
 }
 
-ON_REQUEST = {"ks_keras_loss", "native_tape_epochs", "ks_epoch_iterators", "ks_metric_reads", "ks_global_batches"}  # run only when --methods names them
+ON_REQUEST = {"ks_keras_loss", "native_tape_epochs", "ks_epoch_iterators", "ks_metric_reads", "ks_global_batches",
+              "ks_keras_input"}  # run only when --methods names them
 
 NOT_RUN = {
     ("tensorflow", "multi_worker", "native"):
@@ -132,6 +133,8 @@ LABELS = {
         "(before backends/tensorflow/one_iterator.py)",
     "ks_global_batches": "keras_strategies with every worker reading every global batch, of unknown cardinality "
         "(before each worker's pipeline made its own replicas' parts of an endless dataset said to be so)",
+    "ks_keras_input": "keras_strategies with Keras's own input (a dataset of global batches, a new iterator each "
+        "epoch; before TensorFlow Mirrored read one endless dataset of its replicas' parts)",
     "ks_metric_reads": "keras_strategies with Keras's own metric resets and reads, a reduction per variable (before "
         "keras_fixes.assign_without_read and metrics_read_together)",
 }

@@ -62,7 +62,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "native_tape", "native_tape_epochs", "keras_ddp",
                                                       "torch_ddp", "keras_fit", "ks_keras_loss",
                                                       "ks_epoch_iterators", "ks_metric_reads",
-                                                      "ks_global_batches"])
+                                                      "ks_global_batches", "ks_keras_input"])
 parser.add_argument("--strategy", required=True,
                     choices=["default", "mirrored", "multi_worker", "central_storage"])
 parser.add_argument("--replicas", type=int, required=True)
@@ -120,7 +120,7 @@ elif BACKEND == "torch":
     torch.set_num_interop_threads(1)
 
 METHOD = args.method  # as asked for, in the output
-if args.method in ("ks_keras_loss", "ks_epoch_iterators", "ks_metric_reads", "ks_global_batches"):
+if args.method in ("ks_keras_loss", "ks_epoch_iterators", "ks_metric_reads", "ks_global_batches", "ks_keras_input"):
     args.method = "ks"
 strategy = None
 if args.method == "ks":
@@ -157,6 +157,10 @@ if METHOD == "ks_global_batches":
         return original(model, method, arguments, seed)
 
     tf_multi_worker.one_iterator_fit = global_batches
+if METHOD == "ks_keras_input":
+    from keras_strategies.backends.tensorflow import local as tf_local
+
+    tf_local.TFMirrored.prepare_call = lambda self, model, method, arguments: arguments
     tf.data.experimental.assert_cardinality = lambda cardinality: (lambda dataset: dataset)  # this process only
 if METHOD == "ks_epoch_iterators":
     from keras_strategies.backends.tensorflow import one_iterator
