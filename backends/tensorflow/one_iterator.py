@@ -1,8 +1,10 @@
 """One input iterator for all of a `fit`'s epochs on arrays (TensorFlow
-MultiWorkerMirrored).
+Mirrored and MultiWorkerMirrored).
 
 Keras's `fit` makes a new iterator over its distributed dataset at every
-epoch. Under `MultiWorkerMirroredStrategy` each costs ~0.1 s of CPU (a
+epoch (under one `MirroredStrategy` of 2 CPUs, reading a step's input took
+6-12 ms with 20-step epochs, against ~1 ms here). Under
+`MultiWorkerMirroredStrategy` each costs ~0.1 s of CPU (a
 multi-device iterator and the 7 functions it traces), often 0.2-1.5 s of wall
 time with both workers waiting, and a finite dataset makes every step agree
 across the workers on whether each still has data (`get_next_as_optional`).
