@@ -173,10 +173,10 @@ def test_tensorflow_one_iterator_input_has_each_epochs_batches():
                     "other backends iterate arrays in numpy")
 def test_tensorflow_one_iterator_workers_make_only_their_replicas_parts():
     """Given the strategy, `one_iterator.endless_batches` has each worker's
-    pipeline make its own replicas' parts of every global batch (as
-    `numpy.array_split` splits it), not every global batch to keep a share:
-    worker 1 of 2 reads the second part of each of Keras's batches, of the
-    short last batch too; a worker with both replicas takes the two parts in
+    pipeline make its own replicas' parts of every global batch (the chunks
+    of `data.chunk_bounds`), not every global batch to keep a share: worker 1
+    of 2 reads the second chunk of each of Keras's batches, of the short last
+    batch too; a worker with both replicas takes the two parts in
     turn. Either way the dataset is known to be endless."""
     import tensorflow as tf
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
@@ -207,8 +207,9 @@ def test_tensorflow_one_iterator_workers_make_only_their_replicas_parts():
         got = parts(OneWorker(2, worker, 2), 10)  # two epochs, a part of each batch
         for i, (gx, gy) in enumerate(got):
             kx, ky = keras_batches[i % 5]
-            assert np.array_equal(gx, np.array_split(kx, 2)[worker]) and np.array_equal(gy, np.array_split(ky, 2)[worker])
-    assert [len(gy) for _, gy in parts(OneWorker(2, 1, 2), 5)] == [4, 4, 4, 4, 2]
+            start, stop = data.chunk_bounds(len(kx), worker, 2)
+            assert np.array_equal(gx, kx[start:stop]) and np.array_equal(gy, ky[start:stop])
+    assert [len(gy) for _, gy in parts(OneWorker(2, 1, 2), 5)] == [4, 4, 4, 4, 3]
 
     got = parts(None, 5)  # no strategy: the global batches
     assert all(np.array_equal(g[0], k[0]) for g, k in zip(got, keras_batches))
@@ -216,7 +217,7 @@ def test_tensorflow_one_iterator_workers_make_only_their_replicas_parts():
     for i in range(5):
         kx, _ = keras_batches[i]
         assert np.array_equal(np.concatenate([got[2 * i][0], got[2 * i + 1][0]]), kx)
-        assert len(got[2 * i][0]) == len(np.array_split(kx, 2)[0])
+        assert len(got[2 * i][0]) == data.chunk_bounds(len(kx), 0, 2)[1]
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow Mirrored's input (tf.data); the other backends "

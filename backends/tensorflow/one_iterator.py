@@ -89,14 +89,12 @@ def validation_applies(model, arguments):
 
 
 def replica_part(indices, replica, replicas):
-    """Replica `replica`'s part of a global batch's `indices`, split as
-    `numpy.array_split` does (the first `len % replicas` parts one longer).
-    Any split trains the same: each replica's loss is weighted by its share of
-    the global batch (`keras_fixes.share_weighted_train_step`)."""
+    """Replica `replica`'s part of a global batch's `indices`, the chunk
+    `data.chunk_bounds` gives a worker on the other backends. Any split trains
+    the same: each replica's loss is weighted by its share of the global batch
+    (`keras_fixes.share_weighted_train_step`)."""
     size = tf.shape(indices, out_type=tf.int64)[0]
-    base, extra = size // replicas, size % replicas
-    start = replica * base + tf.minimum(replica, extra)
-    return indices[start:start + base + tf.cast(replica < extra, tf.int64)]
+    return indices[size * replica // replicas:size * (replica + 1) // replicas]
 
 
 def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed, first_epoch, strategy=None):
