@@ -47,9 +47,10 @@ class TFMirrored(TFImplementation):
     def prepare_call(self, model, method, arguments):
         # A fit on arrays reads one endless dataset, each replica its part of a global batch (Keras's
         # dataset of global batches, a new distributed iterator each epoch: about half the throughput on
-        # 2 CPU replicas). One process: nothing to agree on, so each fit draws its own shuffle seed, from
-        # numpy's generator (reproducible after keras.utils.set_random_seed).
-        one_iterator_fit(model, method, arguments, int(np.random.randint(2**31 - 1)), self.native)
+        # 2 CPU replicas). One process: nothing to agree on, so each shuffled fit draws its own seed from
+        # numpy's generator (reproducible after keras.utils.set_random_seed); nothing else draws from it.
+        shuffled = method == "fit" and arguments.arguments.get("shuffle", True) is True
+        one_iterator_fit(model, method, arguments, int(np.random.randint(2**31 - 1)) if shuffled else 0, self.native)
         return arguments
 
 
