@@ -17,7 +17,10 @@
 # device compiles its step again there). Env: PYTHON, REPEATS (4), EPOCHS
 # (5), WARMUP (2), STEPS (100), PARTS (the part names to run, in this
 # script's order, e.g. "torch-default-cnn jax-bn_convnet"; default all),
-# DEVICE (gpu; cpu to try this script on a machine without one).
+# DEVICE (gpu; cpu to try this script on a machine without one),
+# OPTIMIZER (adam; e.g. sgd: the output files get its name as a suffix),
+# TORCH_METHODS (ks,native,keras_ddp,torch_ddp), SKIP_SMOKE (1: a second
+# call on a machine where the smoke run already passed).
 # TensorFlow runs too where it is installed.
 set -u
 out=${1:?usage: gpu_run.sh OUT_DIR [SECONDS]}
@@ -30,7 +33,9 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the smoke runs worker.py without run.py
 
 echo "== smoke: each engine trains on the $device"
+[ "${SKIP_SMOKE:-0}" = 1 ] && echo "(skipped: SKIP_SMOKE=1)"
 for backend in jax torch tensorflow; do
+  [ "${SKIP_SMOKE:-0}" = 1 ] && break
   $py -c "import $backend" 2>/dev/null || { echo "$backend: not installed, left out"; continue; }
   methods="ks"
   [ $backend = torch ] && methods="ks torch_ddp"
@@ -58,10 +63,10 @@ part() {  # part NAME run.py-options...
   echo "== $name (${left}s left)"
   timeout -s TERM $left $py benchmarks/run.py --device $device --replicas 1 --repeats ${REPEATS:-4} \
     --epochs ${EPOCHS:-5} --warmup-epochs ${WARMUP:-2} --steps ${STEPS:-100} --timeout 120 --no-plot \
-    --out "$out/gpu-$name.json" "$@"
+    --optimizer ${OPTIMIZER:-adam} --out "$out/gpu-$name${OPTIMIZER:+-$OPTIMIZER}.json" "$@"
 }
 # most wanted first: each engine's MLP, then the conv nets
-torch_methods=(--methods ks,native,keras_ddp,torch_ddp)
+torch_methods=(--methods ${TORCH_METHODS:-ks,native,keras_ddp,torch_ddp})
 for workload in mlp cnn bn_convnet; do
   part jax-$workload --backends jax --strategies default,mirrored --workloads $workload
   part torch-multi-worker-$workload --backends torch --strategies multi_worker --workloads $workload "${torch_methods[@]}"
