@@ -23,6 +23,7 @@ interleaved comparison whichever session measured it.
 """
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -189,12 +190,17 @@ def run_env(backend, threads, device="cpu"):
 
 def _stop(proc):
     """Stops a measurement's process group (the launcher stops its own ranks
-    on SIGTERM; SIGKILL after 15 s); returns its output."""
-    os.killpg(proc.pid, signal.SIGTERM)
+    on SIGTERM; SIGKILL after 15 s); returns its output. A group already
+    gone (the run ended as the signal came) is not an error."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return proc.communicate()[0]
     try:
         return proc.communicate(timeout=15)[0]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         return proc.communicate()[0]
 
 

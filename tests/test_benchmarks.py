@@ -180,6 +180,20 @@ def test_an_interrupted_run_resumes_at_the_run_where_it_stopped(tmp_path, monkey
 
 
 @pytest.mark.in_process
+def test_stopping_a_measurement_that_just_ended_is_not_an_error(monkeypatch):
+    """A budget's SIGTERM can reach run.py as its measurement's process
+    group ends: stopping a group already gone returns the run's output
+    (on the fourth GPU lease it raised ProcessLookupError and lost the
+    part's summary)."""
+    monkeypatch.setattr(sys, "path", [os.path.join(ROOT, "benchmarks"), *sys.path])
+    import run
+
+    proc = subprocess.Popen([sys.executable, "-c", "print('done')"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.wait(timeout=60)  # reaped: its process group no longer exists
+    assert run._stop(proc).strip() == "done"
+
+
 def test_warmup_epochs_leave_out_the_leading_epochs(tmp_path, monkeypatch):
     """`--warmup-epochs 2` leaves the first two epochs of a run out of its
     throughput (the second epoch of a Keras DataParallel fit on a GPU compiles
