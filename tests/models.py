@@ -208,6 +208,7 @@ def is_loopback_address(address):
 
 # -- resume (tests/test_resume.py, tests/resume_job.py) -----------------------
 RESUME_EPOCHS, RESUME_BATCH, RESUME_SAVE_FREQ = 3, 8, 4  # 69 examples: 9 batches an epoch
+RESUME_JOB_SEED = 7  # Keras's seed in tests/resume_job.py after the model is built (its shuffle orders)
 
 
 def resume_model(optimizer="adam", width=16, seed=1):

@@ -29,7 +29,8 @@ parser.add_argument("--hang-at-step", type=int, default=None)
 parser.add_argument("--input", default="numpy", help="numpy, tf_data, py_dataset or torch_dataloader")
 parser.add_argument("--batch-norm", action="store_true")
 parser.add_argument("--kind", default="functional", help="a model kind of tests/models.py")
-parser.add_argument("--coverage", action="store_true", help="first, one shuffled epoch of one-hot examples")
+parser.add_argument("--coverage", action="store_true",
+                    help="first, one shuffled epoch of one-hot examples, then two shuffled fits recording their rows")
 parser.add_argument("--count-threads", action="store_true",
                     help="last, a shuffled fit of 2 epochs of 40 steps and a validation each, counting this "
                          "process's threads after each (and, on TensorFlow, the input iterators it makes)")
@@ -68,6 +69,17 @@ if args.coverage:
     coverage.fit(np.eye(n, dtype="float32"), np.ones((n, 1), "float32"), batch_size=16, epochs=1,
                  shuffle=True, verbose=0, distribution=strategy)
     np.save(os.path.join(args.out, f"coverage{rank}.npy"), coverage.get_weights()[0][:, 0])
+    # two more shuffled fits: the rows this worker computes, in order (row k has k as its feature)
+    probe = keras.Sequential([keras.Input((1,)), RowCounter(), keras.layers.Dense(1)])
+    probe.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    orders = []
+    for _ in range(2):
+        probe.layers[0].rows.clear()
+        probe.fit(np.arange(n, dtype="float32")[:, None], np.zeros((n, 1), "float32"), batch_size=16, epochs=1,
+                  shuffle=True, verbose=0, distribution=strategy)
+        orders.append(list(probe.layers[0].rows))
+    with open(os.path.join(args.out, f"orders{rank}.json"), "w") as f:
+        json.dump(orders, f)
 
 x, y = make_data()
 weights = initial_weights(args.kind, args.batch_norm)

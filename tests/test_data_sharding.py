@@ -84,6 +84,39 @@ def test_global_shuffle_changes_every_epoch_and_covers_everything():
     assert first != second
 
 
+def test_each_shuffled_fit_draws_a_new_seed_the_chiefs_on_every_worker():
+    """data.fit_seed: a fit that shuffles arrays draws a new seed from
+    numpy's generator (the same again after `keras.utils.set_random_seed`),
+    the chief's sent to every worker; other calls draw nothing."""
+    import inspect
+
+    import keras
+
+    x = np.zeros((8, 2), "float32")
+
+    def call(**arguments):
+        return inspect.signature(lambda x=None, y=None, shuffle=True: None).bind(**{"x": x, **arguments})
+
+    keras.utils.set_random_seed(5)
+    first = [data.fit_seed("fit", call()) for _ in range(3)]
+    assert len(set(first)) == 3 and all(s >= 0 for s in first)
+    keras.utils.set_random_seed(5)
+    state = np.random.get_state()[1].copy(), np.random.get_state()[2]
+    for method, arguments in (("fit", call(shuffle=False)), ("fit", call(shuffle="batch")), ("evaluate", call()),
+                              ("fit", call(x=iter([x])))):
+        assert data.fit_seed(method, arguments) == data.shuffle_seed() == 5
+    assert np.array_equal(np.random.get_state()[1], state[0]) and np.random.get_state()[2] == state[1]
+    assert [data.fit_seed("fit", call()) for _ in range(3)] == first
+    sent = []
+
+    def chiefs(payload):  # a worker's broadcast: it sends its own draw, gets the chief's
+        sent.append(int.from_bytes(payload, "little"))
+        return (12345).to_bytes(8, "little")
+
+    keras.utils.set_random_seed(5)
+    assert data.fit_seed("fit", call(), chiefs) == 12345 and sent == first[:1]
+
+
 def test_too_few_examples_in_the_last_batch_is_a_clear_error():
     with pytest.raises(ks.StrategyError, match="last global batch has 1 example"):
         data.check_splittable(65, 16, 2, "MultiWorkerMirrored(...)")
@@ -240,6 +273,10 @@ def test_tensorflow_mirrored_reads_one_endless_dataset_shuffled_anew_each_fit():
     model.compile(loss="mse")
     strategy = ks.Mirrored(devices=REPLICA_DEVICES)
 
+    def prepare_call(method, arguments):  # what the strategy's run does first
+        strategy._impl.call_seed = data.fit_seed(method, arguments, strategy._impl.broadcast_bytes)
+        strategy._impl.prepare_call(model, method, arguments)
+
     def first_epoch_labels():
         def fit(x=None, y=None, batch_size=None, epochs=1, shuffle=True, validation_data=None, initial_epoch=0,
                 steps_per_epoch=None, validation_split=0.0, callbacks=None, class_weight=None, sample_weight=None,
@@ -247,7 +284,7 @@ def test_tensorflow_mirrored_reads_one_endless_dataset_shuffled_anew_each_fit():
             pass
 
         arguments = inspect.signature(fit).bind(x=x, y=y, batch_size=16)
-        strategy._impl.prepare_call(model, "fit", arguments)
+        prepare_call("fit", arguments)
         a = arguments.arguments
         assert a["steps_per_epoch"] == 4 and getattr(a["x"], one_iterator.WHOLE_EPOCHS)
         native = strategy._impl.native
@@ -261,8 +298,8 @@ def test_tensorflow_mirrored_reads_one_endless_dataset_shuffled_anew_each_fit():
     for shuffle in (False, "batch"):  # no shuffle of ours: numpy's generator is left as it is
         arguments = inspect.signature(lambda x=None, y=None, batch_size=None, shuffle=True: None).bind(
             x=x, y=y, batch_size=16, shuffle=shuffle)
-        strategy._impl.prepare_call(model, "fit", arguments)
-    strategy._impl.prepare_call(model, "evaluate", inspect.signature(lambda x=None, y=None: None).bind(x=x, y=y))
+        prepare_call("fit", arguments)
+    prepare_call("evaluate", inspect.signature(lambda x=None, y=None: None).bind(x=x, y=y))
     _, key_after, position_after, *_ = np.random.get_state()
     assert position_after == position and np.array_equal(key_after, key)
     keras.utils.set_random_seed(3)

@@ -232,7 +232,7 @@ def test_torchrun_with_tf_data(tmp_path):
     check_results(tmp_path)
 
 
-def test_tf_config_with_py_dataset_a_shuffled_epoch_and_a_convnet(tmp_path):
+def test_tf_config_with_py_dataset_shuffled_fits_and_a_convnet(tmp_path):
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     envs = [base_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": r}}))
@@ -245,6 +245,12 @@ def test_tf_config_with_py_dataset_a_shuffled_epoch_and_a_convnet(tmp_path):
     seen = [np.load(os.path.join(tmp_path, f"coverage{r}.npy")) for r in range(2)]
     np.testing.assert_array_equal(seen[0], seen[1])
     np.testing.assert_allclose(seen[0], 2 * 0.5 / 16, rtol=1e-6)
+    # two shuffled fits in one program: each covers every row once across the
+    # workers (they agree on its order), and the second draws a new order
+    orders = [json.load(open(os.path.join(tmp_path, f"orders{r}.json"))) for r in range(2)]
+    for fit in range(2):
+        assert sorted(orders[0][fit] + orders[1][fit]) == list(range(64)), (fit, orders)
+    assert orders[0][0] != orders[0][1] and orders[1][0] != orders[1][1], orders
 
 
 def test_keras_distribution_variables_scope_and_dataloader(tmp_path):

@@ -243,7 +243,7 @@ class JaxMultiWorkerMirrored(MultiProcessImplementation, JaxImplementation):
 
     def prepare_call(self, model, method, arguments):
         self._method = method
-        return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())
+        return data_lib.shuffle_globally(method, arguments, self.call_seed)
 
     def broadcast_bytes(self, data):
         if jax.process_count() == 1:

@@ -20,6 +20,7 @@ import os
 from keras_strategies.backends.rpc import chief, group, server
 from keras_strategies.backends.rpc.worker import Worker, synchronised
 from keras_strategies.errors import StrategyError, WorkerError
+from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.multi_process import own_coordinator
 from keras_strategies.implementation.parameter_server import (
     ParameterServerImplementation,
@@ -227,12 +228,13 @@ class RpcParameterServer(ParameterServerImplementation):
                 f"ParameterServer: a worker computes updates inside its fit(); this worker called "
                 f"{method}() first. Run evaluate()/predict() on the chief (`if strategy.is_chief:`)."
             )
-        model._symbolic_build(data_batch=next(worker_batches(arguments, self.worker_index)))
+        seed = data_lib.fit_seed(method, arguments)  # new orders each fit, as Keras's (each worker its own)
+        model._symbolic_build(data_batch=next(worker_batches(arguments, self.worker_index, seed)))
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
 
         def batches():
-            return map(self.to_batch, worker_batches(arguments, self.worker_index))
+            return map(self.to_batch, worker_batches(arguments, self.worker_index, seed))
 
         signature = _signature(model, fit_plan(arguments, self))
         try:

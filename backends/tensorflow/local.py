@@ -1,7 +1,6 @@
 """TensorFlow, one machine: `Default`, `OneDevice` and `Mirrored` are the
 default strategy, `OneDeviceStrategy` and `MirroredStrategy`."""
 
-import numpy as np
 import tensorflow as tf
 
 from keras_strategies.backends.tensorflow.base import TFImplementation, gpu_count, tf_device
@@ -47,10 +46,8 @@ class TFMirrored(TFImplementation):
     def prepare_call(self, model, method, arguments):
         # A fit on arrays reads one endless dataset, each replica its part of a global batch (Keras's
         # dataset of global batches, a new distributed iterator each epoch: about half the throughput on
-        # 2 CPU replicas). One process: nothing to agree on, so each shuffled fit draws its own seed from
-        # numpy's generator (reproducible after keras.utils.set_random_seed); nothing else draws from it.
-        shuffled = method == "fit" and arguments.arguments.get("shuffle", True) is True
-        one_iterator_fit(model, method, arguments, int(np.random.randint(2**31 - 1)) if shuffled else 0, self.native)
+        # 2 CPU replicas), shuffled with the call's seed (data.fit_seed: new each fit).
+        one_iterator_fit(model, method, arguments, self.call_seed, self.native)
         return arguments
 
 

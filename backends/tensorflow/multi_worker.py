@@ -115,9 +115,9 @@ class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
         return bool(self._sum_over_workers([1.0 if flag else 0.0], chief_only=False)[0] > 0)
 
     def prepare_call(self, model, method, arguments):
-        if one_iterator_fit(model, method, arguments, data_lib.shuffle_seed(), self.native):
+        if one_iterator_fit(model, method, arguments, self.call_seed, self.native):
             return arguments
-        return data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())
+        return data_lib.shuffle_globally(method, arguments, self.call_seed)
 
     splits_predict = True
 

@@ -157,7 +157,7 @@ class TorchMultiWorkerMirrored(MultiProcessImplementation, TorchImplementation):
 
     def prepare_call(self, model, method, arguments):
         rank, world = self.cluster.rank, self.cluster.world_size
-        return data_lib.shard_call(method, arguments, rank, world, self.strategy, seed=data_lib.shuffle_seed(),
+        return data_lib.shard_call(method, arguments, rank, world, self.strategy, seed=self.call_seed,
                                    convert=host_tensor)
 
     def all_gather(self, array):

@@ -13,6 +13,7 @@ import contextlib
 from keras_strategies import patches
 from keras_strategies.devices import check_available, normalize_devices, parse_device
 from keras_strategies.errors import unsupported
+from keras_strategies.implementation import data as data_lib
 from keras_strategies.implementation.resume import exact_backups
 
 
@@ -28,6 +29,7 @@ class Implementation(abc.ABC):
     keras_patches = ()  # names of "run" patches (keras_strategies.patches) active during a run
     epoch_patches = ("epoch-spare-iterator",)  # run patches of every distributing strategy
     exact_resume = True  # a fit's BackupAndRestore resumes exactly (implementation.resume)
+    call_seed = 0  # the current call's shuffle seed, set by `run` (data.fit_seed)
 
     @classmethod
     def create(cls, strategy, devices, **options):
@@ -156,6 +158,7 @@ class Implementation(abc.ABC):
         Returns:
             What the original method returns.
         """
+        self.call_seed = data_lib.fit_seed(method, arguments, self.broadcast_bytes)  # the same on every worker
         arguments = self.prepare_call(model, method, arguments)
         with patches.active(self.keras_patches + self.epoch_patches), exact_backups(self, model, method, arguments):
             if not attached:

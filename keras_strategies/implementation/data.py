@@ -24,6 +24,44 @@ def shuffle_seed():
     return 0 if seed is None else int(seed)
 
 
+def fit_seed(method, arguments, broadcast_bytes=None):
+    """The shuffle seed of one call under a strategy.
+
+    A `fit` that shuffles arrays draws a new seed from numpy's global
+    generator, as Keras's own shuffles draw from the global random state:
+    each fit shuffles anew, and the same again after
+    `keras.utils.set_random_seed`. Across processes every worker draws (each
+    generator moves alike) and the chief's seed is sent to all, so that every
+    worker shuffles alike. A resumed fit shuffles with the seed its backup
+    recorded instead (`resume.ExactBackup`). Any other call gets
+    `shuffle_seed()`, and numpy's generator is left as it is.
+
+    Args:
+        method: `"fit"`, `"evaluate"` or `"predict"`.
+        arguments: the call's `inspect.BoundArguments` (read only).
+        broadcast_bytes: the chief's bytes on every worker (a collective
+            every worker calls), or None in one process.
+
+    Returns:
+        A non-negative int, the seed for `epoch_order`.
+
+    Example:
+
+    >>> keras.utils.set_random_seed(3)
+    >>> a = fit_seed("fit", inspect.signature(model.fit).bind(x, y))
+    >>> keras.utils.set_random_seed(3)
+    >>> a == fit_seed("fit", inspect.signature(model.fit).bind(x, y))
+    True
+    """
+    a = arguments.arguments
+    if method != "fit" or a.get("shuffle", True) is not True or not is_array_like(a.get("x")):
+        return shuffle_seed()
+    seed = int(np.random.randint(2**31 - 1))
+    if broadcast_bytes is not None:
+        seed = int.from_bytes(broadcast_bytes(seed.to_bytes(8, "little")), "little")
+    return seed
+
+
 def chunk_bounds(size, rank, world):
     """The `[start, stop)` of worker `rank`'s chunk of a batch of `size`."""
     return size * rank // world, size * (rank + 1) // world

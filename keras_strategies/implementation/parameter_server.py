@@ -161,18 +161,19 @@ def first_batch(x, y, sample_weight, batch_size):
     return next(iter(adapter.get_numpy_iterator()))
 
 
-def worker_batches(arguments, worker_index):
+def worker_batches(arguments, worker_index, seed=0):
     """An endless iterator over one worker's batches of its fit input.
 
     Each worker reads its own passes over the input, as TensorFlow's
     per-worker datasets do: arrays are shuffled anew each pass (seeded by
-    Keras's seed, the worker and the pass, so workers differ), datasets are
+    the fit's seed, the worker and the pass, so workers differ), datasets are
     read again from the start. `validation_split` is taken off first, and
     `class_weight` becomes sample weights, as Keras does.
 
     Args:
         arguments: the worker's fit call (`inspect.BoundArguments`).
         worker_index: this worker's index.
+        seed: the fit's shuffle seed (`data.fit_seed`: new each fit).
 
     Yields:
         Batches of numpy arrays, `(x,)`, `(x, y)` or `(x, y, sample_weight)`.
@@ -196,7 +197,7 @@ def worker_batches(arguments, worker_index):
     for epoch in range(2**62):
         order = np.arange(n)
         if shuffle:
-            order = np.random.default_rng((data_lib.shuffle_seed(), worker_index, epoch)).permutation(n)
+            order = np.random.default_rng((seed, worker_index, epoch)).permutation(n)
         for start in range(0, n, batch_size):
             index = order[start:start + batch_size]
             yield data_adapter_utils.pack_x_y_sample_weight(take(x, index), take(y, index), take(weights, index))

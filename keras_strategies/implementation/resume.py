@@ -260,7 +260,7 @@ class ExactBackup(keras.callbacks.Callback):
         steps = (self.params or {}).get("steps")
         if steps and step >= steps:
             epoch, step = epoch + 1, 0  # the epoch's last batch: resume at the next one
-        seed = self.dataset.seed if self.dataset is not None else data_lib.shuffle_seed()
+        seed = self.dataset.seed if self.dataset is not None else self.implementation.call_seed
         return {"format": FORMAT, "epoch": epoch, "step": step, "batches": self.batches, "seed": seed,
                 "backend": keras.backend.backend(), "workers": self.implementation.num_workers,
                 "signature": signature(self.model)}
@@ -373,7 +373,7 @@ def exact_backups(implementation, model, method, arguments):
         return
     if len(originals) > 1:
         raise StrategyError(f"fit() got {len(originals)} BackupAndRestore callbacks; give it one.")
-    data_lib.shuffle_globally(method, arguments, data_lib.shuffle_seed())  # arrays: a seeded order
+    data_lib.shuffle_globally(method, arguments, implementation.call_seed)  # arrays: a seeded order
     x = a.get("x")
     dataset = x if isinstance(x, data_lib.ShuffledShards) else None
     with SigtermFlag() as sigterm:
