@@ -117,6 +117,31 @@ def test_each_shuffled_fit_draws_a_new_seed_the_chiefs_on_every_worker():
     assert data.fit_seed("fit", call(), chiefs) == 12345 and sent == first[:1]
 
 
+def test_a_strategy_that_leaves_shuffling_to_keras_shuffles_as_plain_keras():
+    """`Default()` and `OneDevice()` leave a shuffled fit's orders to Keras:
+    after the same `keras.utils.set_random_seed`, two shuffled fits end with
+    plain Keras's weights exactly (a seed of ours drawn from numpy's
+    generator for every call would shift Keras's permutations on JAX and
+    PyTorch, which draw from it)."""
+    import keras
+
+    x = np.random.default_rng(0).normal(size=(48, 3)).astype("float32")
+    y = x @ np.array([[1.0], [-2.0], [0.5]], "float32")
+
+    def trained(**distribution):
+        keras.utils.set_random_seed(11)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        for _ in range(2):
+            model.fit(x, y, batch_size=8, epochs=2, shuffle=True, verbose=0, **distribution)
+        return model.get_weights()
+
+    plain = trained()
+    for strategy in (ks.Default(), ks.OneDevice("cpu:0")):
+        for got, want in zip(trained(distribution=strategy), plain):
+            np.testing.assert_array_equal(got, want, err_msg=type(strategy).__name__)
+
+
 def test_too_few_examples_in_the_last_batch_is_a_clear_error():
     with pytest.raises(ks.StrategyError, match="last global batch has 1 example"):
         data.check_splittable(65, 16, 2, "MultiWorkerMirrored(...)")
@@ -274,7 +299,7 @@ def test_tensorflow_mirrored_reads_one_endless_dataset_shuffled_anew_each_fit():
     strategy = ks.Mirrored(devices=REPLICA_DEVICES)
 
     def prepare_call(method, arguments):  # what the strategy's run does first
-        strategy._impl.call_seed = data.fit_seed(method, arguments, strategy._impl.broadcast_bytes)
+        strategy._impl._seed_call, strategy._impl._call_seed = (method, arguments), None
         strategy._impl.prepare_call(model, method, arguments)
 
     def first_epoch_labels():

@@ -17,12 +17,19 @@ from keras_strategies.implementation.multi_process import default_timeout, proce
 class TorchDefault(TorchImplementation):
     """The backend's default device, without a device scope."""
 
+    # Keras's spare iterator at each epoch's end stays: making a shuffled
+    # DataLoader's iterator draws from torch's generator, and without it the
+    # next epochs' orders would not be plain Keras's after the same seed.
+    epoch_patches = ()
+
     def scope(self):
         return contextlib.nullcontext()
 
 
 class TorchOneDevice(TorchImplementation):
     """Everything on one device, under Keras's device scope."""
+
+    epoch_patches = ()  # as `TorchDefault`: plain Keras's shuffle orders
 
 
 class TorchMirrored(TorchImplementation):

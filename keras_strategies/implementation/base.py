@@ -29,7 +29,8 @@ class Implementation(abc.ABC):
     keras_patches = ()  # names of "run" patches (keras_strategies.patches) active during a run
     epoch_patches = ("epoch-spare-iterator",)  # run patches of every distributing strategy
     exact_resume = True  # a fit's BackupAndRestore resumes exactly (implementation.resume)
-    call_seed = 0  # the current call's shuffle seed, set by `run` (data.fit_seed)
+    _seed_call = None  # (method, arguments) of the call `run` is in, for `call_seed`
+    _call_seed = None
 
     @classmethod
     def create(cls, strategy, devices, **options):
@@ -144,6 +145,19 @@ class Implementation(abc.ABC):
         return bool(flag)
 
     # -- one fit/evaluate/predict --------------------------------------------
+    @property
+    def call_seed(self):
+        """The shuffle seed of the call `run` is in (`data.fit_seed`: new
+        for each fit that shuffles arrays, the chief's on every worker),
+        drawn when first read: a strategy that leaves shuffling to Keras
+        leaves numpy's generator as Keras expects it. Every worker reads it
+        at the same point (across processes, the draw is a collective)."""
+        if self._call_seed is None:
+            method, arguments = self._seed_call or ("evaluate", None)
+            self._call_seed = (data_lib.fit_seed(method, arguments, self.broadcast_bytes) if arguments is not None
+                               else data_lib.shuffle_seed())
+        return self._call_seed
+
     def run(self, model, method, original, arguments, attached):
         """Runs Keras's own `original` method under this strategy.
 
@@ -158,7 +172,7 @@ class Implementation(abc.ABC):
         Returns:
             What the original method returns.
         """
-        self.call_seed = data_lib.fit_seed(method, arguments, self.broadcast_bytes)  # the same on every worker
+        self._seed_call, self._call_seed = (method, arguments), None
         arguments = self.prepare_call(model, method, arguments)
         with patches.active(self.keras_patches + self.epoch_patches), exact_backups(self, model, method, arguments):
             if not attached:
