@@ -153,9 +153,9 @@ class Implementation(abc.ABC):
         leaves numpy's generator as Keras expects it. Every worker reads it
         at the same point (across processes, the draw is a collective)."""
         if self._call_seed is None:
-            method, arguments = self._seed_call or ("evaluate", None)
-            self._call_seed = (data_lib.fit_seed(method, arguments, self.broadcast_bytes) if arguments is not None
-                               else data_lib.shuffle_seed())
+            if self._seed_call is None:  # outside a call
+                return data_lib.shuffle_seed()
+            self._call_seed = data_lib.fit_seed(*self._seed_call, self.broadcast_bytes)
         return self._call_seed
 
     def run(self, model, method, original, arguments, attached):
@@ -173,20 +173,24 @@ class Implementation(abc.ABC):
             What the original method returns.
         """
         self._seed_call, self._call_seed = (method, arguments), None
-        arguments = self.prepare_call(model, method, arguments)
-        with patches.active(self.keras_patches + self.epoch_patches), exact_backups(self, model, method, arguments):
-            if not attached:
-                self.attach(model)
-            try:
-                with self.call_context(model, method):
-                    result = original(*arguments.args, **arguments.kwargs)
-            except BaseException:
+        try:
+            arguments = self.prepare_call(model, method, arguments)
+            with patches.active(self.keras_patches + self.epoch_patches), \
+                    exact_backups(self, model, method, arguments):
                 if not attached:
-                    with contextlib.suppress(Exception):  # the first error is the one to see
-                        self.detach(model)
-                raise
-            if not attached:
-                self.detach(model)
+                    self.attach(model)
+                try:
+                    with self.call_context(model, method):
+                        result = original(*arguments.args, **arguments.kwargs)
+                except BaseException:
+                    if not attached:
+                        with contextlib.suppress(Exception):  # the first error is the one to see
+                            self.detach(model)
+                    raise
+                if not attached:
+                    self.detach(model)
+        finally:
+            self._seed_call = self._call_seed = None  # the call's input is not kept past it
         return result
 
 

@@ -260,7 +260,9 @@ class ExactBackup(keras.callbacks.Callback):
         steps = (self.params or {}).get("steps")
         if steps and step >= steps:
             epoch, step = epoch + 1, 0  # the epoch's last batch: resume at the next one
-        seed = self.dataset.seed if self.dataset is not None else self.implementation.call_seed
+        # without a ShuffledShards the seed shuffles nothing of ours (and reading call_seed
+        # here, on the chief alone, could be its first read: a collective)
+        seed = self.dataset.seed if self.dataset is not None else data_lib.shuffle_seed()
         return {"format": FORMAT, "epoch": epoch, "step": step, "batches": self.batches, "seed": seed,
                 "backend": keras.backend.backend(), "workers": self.implementation.num_workers,
                 "signature": signature(self.model)}
