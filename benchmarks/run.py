@@ -50,7 +50,7 @@ CASES = {
     ("jax", "default"): (True, ["ks", "native"]),
     ("torch", "default"): (True, ["ks", "native"]),
     ("tensorflow", "mirrored"): (True, ["ks", "native", "native_sync_bn", "ks_keras_input"]),
-    ("tensorflow", "central_storage"): (True, ["ks", "native"]),
+    ("tensorflow", "central_storage"): (True, ["ks", "native", "ks_keras_input"]),
     ("jax", "central_storage"): (True, ["ks"]),
     ("torch", "central_storage"): (True, ["ks"]),
     ("tensorflow", "multi_worker"): (False, ["ks", "native_tape", "native_tape_epochs", "ks_epoch_iterators",
@@ -135,7 +135,7 @@ LABELS = {
     "ks_global_batches": "keras_strategies with every worker reading every global batch, of unknown cardinality "
         "(before each worker's pipeline made its own replicas' parts of an endless dataset said to be so)",
     "ks_keras_input": "keras_strategies with Keras's own input (a dataset of global batches, a new iterator each "
-        "epoch; before TensorFlow Mirrored read one endless dataset of its replicas' parts)",
+        "epoch; before TensorFlow Mirrored and CentralStorage read one endless dataset of their replicas' parts)",
     "ks_metric_reads": "keras_strategies with Keras's own metric resets and reads, a reduction per variable (before "
         "keras_fixes.assign_without_read and metrics_read_together)",
 }

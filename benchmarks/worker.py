@@ -158,9 +158,11 @@ if METHOD == "ks_global_batches":
 
     tf_multi_worker.one_iterator_fit = global_batches
 if METHOD == "ks_keras_input":
+    from keras_strategies.backends.tensorflow import central_storage as tf_central_storage
     from keras_strategies.backends.tensorflow import local as tf_local
 
     tf_local.TFMirrored.prepare_call = lambda self, model, method, arguments: arguments
+    tf_central_storage.TFCentralStorage.prepare_call = tf_local.TFMirrored.prepare_call
     tf.data.experimental.assert_cardinality = lambda cardinality: (lambda dataset: dataset)  # this process only
 if METHOD == "ks_epoch_iterators":
     from keras_strategies.backends.tensorflow import one_iterator

@@ -122,7 +122,7 @@ PATCHES = (
           "nothing (upstream: keras PR 23199, issue 23649)."),
     Patch("tf-one-validation-iterator", ("keras.src.trainers.epoch_iterator:EpochIterator.reset",),
           "keras_strategies.backends.tensorflow.one_iterator:keeping_whole_epochs_iterator", "run", _TF,
-          "evaluate drops its iterator at each validation of a fit: under (MultiWorker)MirroredStrategy a new "
+          "evaluate drops its iterator at each validation of a fit: under Mirrored, CentralStorage or MultiWorkerMirrored a new "
           "distributed iterator each epoch, ~0.1 s of CPU and often 0.2-1.5 s of every worker's time (kept "
           "only for the endless validation datasets of backends/tensorflow/one_iterator.py)."),
     Patch("epoch-spare-iterator", ("keras.src.trainers.epoch_iterator:EpochIterator._enumerate_iterator",),

@@ -280,11 +280,12 @@ def test_tensorflow_one_iterator_workers_make_only_their_replicas_parts():
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow Mirrored's input (tf.data); the other backends "
                     "batch arrays as Keras does")
-def test_tensorflow_mirrored_reads_one_endless_dataset_shuffled_anew_each_fit():
-    """TensorFlow `Mirrored` turns a fit's arrays into one endless dataset of
-    its replicas' parts (backends/tensorflow/one_iterator.py): each fit draws
-    its own shuffle order (one process: no seed to agree on), the same ones
-    again after `keras.utils.set_random_seed`."""
+@pytest.mark.parametrize("kind", ["Mirrored", "CentralStorage"])
+def test_tensorflow_mirrored_reads_one_endless_dataset_shuffled_anew_each_fit(kind):
+    """TensorFlow `Mirrored` and `CentralStorage` turn a fit's arrays into one
+    endless dataset of their replicas' parts (backends/tensorflow/one_iterator.py):
+    each fit draws its own shuffle order (one process: no seed to agree on),
+    the same ones again after `keras.utils.set_random_seed`."""
     import inspect
 
     import keras
@@ -296,7 +297,7 @@ def test_tensorflow_mirrored_reads_one_endless_dataset_shuffled_anew_each_fit():
     y = np.arange(64)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(loss="mse")
-    strategy = ks.Mirrored(devices=REPLICA_DEVICES)
+    strategy = getattr(ks, kind)(devices=REPLICA_DEVICES)
 
     def prepare_call(method, arguments):  # what the strategy's run does first
         strategy._impl._seed_call, strategy._impl._call_seed = (method, arguments), None

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from keras_strategies.backends.tensorflow.base import TFImplementation, logical_cpu_count, tf_device
 from keras_strategies.backends.tensorflow.local import TFMirrored
+from keras_strategies.backends.tensorflow.one_iterator import one_iterator_fit
 from keras_strategies.implementation.placement import resolve_storage_device
 
 _strategies = {}
@@ -23,6 +24,7 @@ _strategies = {}
 class TFCentralStorage(TFImplementation):
     """Variables on the storage device, replicas on the compute devices."""
 
+    keras_patches = TFImplementation.keras_patches + ("tf-one-validation-iterator",)
     default_devices = TFMirrored.default_devices
 
     def __init__(self, strategy, devices, storage_device=None):
@@ -35,6 +37,12 @@ class TFCentralStorage(TFImplementation):
                 compute_devices=list(key[0]), parameter_device=key[1]
             )
         self.native = _strategies[key]
+
+    def prepare_call(self, model, method, arguments):
+        # As Mirrored: a fit on arrays reads one endless dataset, each replica its part of a global batch,
+        # where Keras makes a new distributed iterator each epoch.
+        one_iterator_fit(model, method, arguments, self.call_seed, self.native)
+        return arguments
 
 
 IMPLEMENTATIONS = {"CentralStorage": TFCentralStorage}

@@ -1,5 +1,5 @@
 """One input iterator for all of a `fit`'s epochs on arrays (TensorFlow
-Mirrored and MultiWorkerMirrored).
+Mirrored, CentralStorage and MultiWorkerMirrored).
 
 Keras's `fit` makes a new iterator over its distributed dataset at every
 epoch (under one `MirroredStrategy` of 2 CPUs, reading a step's input took
