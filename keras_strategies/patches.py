@@ -122,9 +122,10 @@ PATCHES = (
           "nothing (upstream: keras PR 23199, issue 23649)."),
     Patch("tf-one-validation-iterator", ("keras.src.trainers.epoch_iterator:EpochIterator.reset",),
           "keras_strategies.backends.tensorflow.one_iterator:keeping_whole_epochs_iterator", "run", _TF,
-          "evaluate drops its iterator at each validation of a fit: under Mirrored, CentralStorage or MultiWorkerMirrored a new "
-          "distributed iterator each epoch, ~0.1 s of CPU and often 0.2-1.5 s of every worker's time (kept "
-          "only for the endless validation datasets of backends/tensorflow/one_iterator.py)."),
+          "evaluate drops its iterator at each validation of a fit: under Mirrored, CentralStorage or "
+          "MultiWorkerMirrored a new distributed iterator each epoch, ~0.1 s of CPU and often 0.2-1.5 s of "
+          "every worker's time (kept only for the endless validation datasets of "
+          "backends/tensorflow/one_iterator.py)."),
     Patch("epoch-spare-iterator", ("keras.src.trainers.epoch_iterator:EpochIterator._enumerate_iterator",),
           "keras_strategies.implementation.resume:without_spare_iterator", "run", _ALL,
           "Each epoch's end makes an iterator the next epoch never uses (without steps_per_epoch): a "

@@ -77,8 +77,8 @@ def test_one_data_iterator_an_epoch_and_none_to_build_from(strategy, monkeypatch
     thread): there the build reads the dataset's element spec instead. On
     JAX and torch the first fit draws a batch from a host iterator (no
     devices, no threads). TensorFlow `Mirrored` and `CentralStorage` read a
-    fit's arrays as one endless dataset (backends/tensorflow/one_iterator.py): one iterator for
-    the whole fit. The training is still one device's (the cases above)."""
+    fit's arrays as one endless dataset (backends/tensorflow/one_iterator.py):
+    one iterator for the whole fit. The training is still one device's (the cases above)."""
     from keras.src.trainers.epoch_iterator import EpochIterator
 
     made, classes = [], [EpochIterator]

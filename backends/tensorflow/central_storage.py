@@ -8,14 +8,15 @@ NONE. Inside `scope()` non-trainable floating variables are created with MEAN
 aggregation (`mean_aggregating_creator`), and during a run BatchNormalization
 computes its statistics over the global batch, so the replicas' updates agree
 and training equals one device. Metrics' SUM-aggregated variables need the
-`tf-variable-updates` fix (see `keras_fixes.variable_update`).
+`tf-variable-updates` fix (see `keras_fixes.variable_update`). A `fit` on
+arrays reads one endless dataset of the replicas' parts, as under `Mirrored`
+(backends/tensorflow/one_iterator.py).
 """
 
 import tensorflow as tf
 
 from keras_strategies.backends.tensorflow.base import TFImplementation, logical_cpu_count, tf_device
 from keras_strategies.backends.tensorflow.local import TFMirrored
-from keras_strategies.backends.tensorflow.one_iterator import one_iterator_fit
 from keras_strategies.implementation.placement import resolve_storage_device
 
 _strategies = {}
@@ -24,8 +25,9 @@ _strategies = {}
 class TFCentralStorage(TFImplementation):
     """Variables on the storage device, replicas on the compute devices."""
 
-    keras_patches = TFImplementation.keras_patches + ("tf-one-validation-iterator",)
+    keras_patches = TFMirrored.keras_patches
     default_devices = TFMirrored.default_devices
+    prepare_call = TFMirrored.prepare_call  # a fit on arrays reads one endless dataset, as under Mirrored
 
     def __init__(self, strategy, devices, storage_device=None):
         super().__init__(strategy, devices)
@@ -37,12 +39,6 @@ class TFCentralStorage(TFImplementation):
                 compute_devices=list(key[0]), parameter_device=key[1]
             )
         self.native = _strategies[key]
-
-    def prepare_call(self, model, method, arguments):
-        # As Mirrored: a fit on arrays reads one endless dataset, each replica its part of a global batch,
-        # where Keras makes a new distributed iterator each epoch.
-        one_iterator_fit(model, method, arguments, self.call_seed, self.native)
-        return arguments
 
 
 IMPLEMENTATIONS = {"CentralStorage": TFCentralStorage}
