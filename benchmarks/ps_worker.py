@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from workloads import build_keras, make_data, set_seed  # noqa: E402
+from workloads import OPTIMIZERS, build_keras, keras_optimizer, make_data, set_seed  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "native_tape"])
@@ -38,9 +38,10 @@ parser.add_argument("--workload", default="mlp")
 parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--steps", type=int, default=50, help="updates per epoch")
 parser.add_argument("--batch", type=int, default=256, help="examples per update")
+parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS),
+                    help="the Keras optimizer, applied on the parameter servers (workloads.py OPTIMIZERS)")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
-LR = 1e-3
 
 
 def write(epoch_seconds, first_step_s):
@@ -63,7 +64,7 @@ def run_ours():
     start = time.perf_counter()
     set_seed(0)
     model = build_keras(args.workload)
-    model.compile(optimizer=keras.optimizers.Adam(LR),
+    model.compile(optimizer=keras_optimizer(args.optimizer),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     times, begin, ends = [], [0.0], []
 
@@ -122,7 +123,7 @@ def run_native():
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with strategy.scope():
         model = build_keras(args.workload)
-        optimizer = keras.optimizers.Adam(LR)
+        optimizer = keras_optimizer(args.optimizer)
         if args.method == "native":
             model.compile(optimizer=optimizer, loss=loss_fn)
             model._symbolic_build(data_batch=(x[:2], y[:2]))  # build the loss tracker here, on the chief

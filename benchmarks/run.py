@@ -224,7 +224,8 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
               "--out", out]
     if servers:
         worker = [sys.executable, PS_WORKER, "--method", method, "--workload", workload, "--epochs",
-                  str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--out", out]
+                  str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--optimizer",
+                  args.optimizer, "--out", out]
     if in_process:
         command = worker
     else:
@@ -443,7 +444,7 @@ def _parser():
                              "with several replicas: the run shows it)")
     parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS),
                         help="the Keras optimizer of every fit, and its torch.optim twin in the DDP loops "
-                             "(benchmarks/workloads.py OPTIMIZERS); parameter_server runs keep Adam")
+                             "(benchmarks/workloads.py OPTIMIZERS); parameter_server runs apply it on the servers")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
                         help="cpu (default; GPUs hidden): replicas are CPU devices or processes. gpu: one GPU per "
                              "replica (ours and native alike: Mirrored over gpu:0..., DDP with nccl); only the "

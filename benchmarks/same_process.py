@@ -12,7 +12,9 @@ same process, mode and minute. Each `fit` runs `--epochs` epochs; the first
 `fit` of each method (tracing, compilation) is left out. Prints every epoch,
 the median samples/s of each method, the median of the paired ratios (each A
 fit against the B fit beside it), and the Python function calls per step of
-each (counted, so free of timing noise); `--out` writes them as JSON.
+each (counted, so free of timing noise), and on TensorFlow the operations of
+each model's traced training step by type (equal counts: the same graph runs
+each step); `--out` writes them as JSON.
 
 Only `Default` is offered. Two TensorFlow `MirroredStrategy` instances in one
 process share collective keys (backends/tensorflow/local.py), and JAX with two
@@ -41,6 +43,12 @@ parser.add_argument("--batch", type=int, default=256, help="global batch")
 parser.add_argument("--steps", type=int, default=200, help="steps per epoch")
 parser.add_argument("--epochs", type=int, default=2, help="epochs per fit call")
 parser.add_argument("--rounds", type=int, default=8, help="fit calls per method after the first")
+parser.add_argument("--control", action="store_true",
+                    help="A/A control: model A also runs plain fit (no distribution=), so the ratio shows what "
+                         "the two models and their turns alone make of it")
+parser.add_argument("--swap", action="store_true",
+                    help="build the native model first and ours second (by default ours is built first), to "
+                         "see whether the order of the two models' creation favours one")
 parser.add_argument("--out", default=None)
 args = parser.parse_args()
 
@@ -86,7 +94,7 @@ def build():
     return model
 
 
-models = {"A": build(), "B": build()}
+models = {"B": build(), "A": build()} if args.swap else {"A": build(), "B": build()}
 
 
 def fit(method, steps=None, epochs=None):
@@ -94,10 +102,10 @@ def fit(method, steps=None, epochs=None):
     n = (steps or args.steps) * args.batch
     kwargs = dict(batch_size=args.batch, epochs=epochs or args.epochs, shuffle=False, verbose=0,
                   callbacks=[timer])
-    if method == "A":
+    if method == "A" and not args.control:
         models["A"].fit(x[:n], y[:n], distribution=strategy, **kwargs)
     else:
-        models["B"].fit(x[:n], y[:n], **kwargs)
+        models[method].fit(x[:n], y[:n], **kwargs)
     return [n / s for s in timer.seconds]
 
 
@@ -123,7 +131,28 @@ def python_calls_per_step(method, steps):
     return (counts[1] - counts[0]) / steps
 
 
+def graph_ops(model):
+    """TensorFlow: the operations of the traced training step (Keras's
+    `multi_step_on_iterator` and the functions it calls), counted by type."""
+    import collections
+
+    function = model.train_function
+    cells = dict(zip(function.__code__.co_freevars, (c.cell_contents for c in function.__closure__)))
+    counts = collections.Counter()
+    for concrete in cells["multi_step_on_iterator"]._list_all_concrete_functions():
+        graph = concrete.graph.as_graph_def()
+        counts.update(node.op for node in graph.node)
+        counts.update(node.op for library in graph.library.function for node in library.node_def)
+    return counts
+
+
 fit("A"), fit("B")  # tracing and compilation, left out
+ops = {}
+if BACKEND == "tensorflow":
+    ops = {m: graph_ops(models[m]) for m in "AB"}
+    differing = sorted(k for k in set(ops["A"]) | set(ops["B"]) if ops["A"][k] != ops["B"][k])
+    print(f"Graph operations of the training step: ours {sum(ops['A'].values())}, native "
+          f"{sum(ops['B'].values())}, op types whose counts differ: {differing or 'none'}", flush=True)
 calls = {m: python_calls_per_step(m, steps=max(1, min(20, args.steps // 2))) for m in "AB"}
 print(f"Python calls per step: ours {calls['A']:.1f}, native {calls['B']:.1f}", flush=True)
 epochs = {"A": [], "B": []}
@@ -139,11 +168,12 @@ for r in range(args.rounds):
 result = {
     "backend": BACKEND, "strategy": "default", "workload": args.workload,
     "optimizer": args.optimizer, "batch": args.batch, "steps": args.steps, "epochs": args.epochs,
-    "rounds": args.rounds, "samples_per_s": epochs, "python_calls_per_step": calls,
+    "rounds": args.rounds, "control": args.control, "swap": args.swap, "samples_per_s": epochs, "python_calls_per_step": calls,
+    "graph_ops": {m: dict(sorted(c.items())) for m, c in ops.items()},
     "median_A": statistics.median(epochs["A"]), "median_B": statistics.median(epochs["B"]),
     "paired_ratios": pairs, "median_paired_ratio": statistics.median(pairs),
 }
-print(f"{BACKEND} default {args.workload} {args.optimizer}: "
+print(f"{BACKEND} default {args.workload} {args.optimizer}{' (control: A is plain fit too)' if args.control else ''}{' (native built first)' if args.swap else ''}: "
       f"ours {result['median_A']:.0f}, native {result['median_B']:.0f} samples/s; "
       f"ours / native {result['median_A'] / result['median_B']:.3f}; paired ratios "
       + " ".join(f"{p:.3f}" for p in pairs) + f" (median {result['median_paired_ratio']:.3f})")
