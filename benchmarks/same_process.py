@@ -11,10 +11,10 @@ and calls their `fit` in turns, A B B A A B ..., so both run in the
 same process, mode and minute. Each `fit` runs `--epochs` epochs; the first
 `fit` of each method (tracing, compilation) is left out. Prints every epoch,
 the median samples/s of each method, the median of the paired ratios (each A
-fit against the B fit beside it), and the Python function calls per step of
-each (counted, so free of timing noise), and on TensorFlow the operations of
-each model's traced training step by type (equal counts: the same graph runs
-each step); `--out` writes them as JSON.
+fit against the B fit beside it), and, counted, so free of timing noise: the
+Python function calls of each per step and inside an epoch's clock, and on
+TensorFlow the operations of each model's traced training step by type (equal
+counts: the same graph runs each step); `--out` writes them as JSON.
 
 Only `Default` is offered. Two TensorFlow `MirroredStrategy` instances in one
 process share collective keys (backends/tensorflow/local.py), and JAX with two
@@ -74,16 +74,30 @@ x, y = make_data(args.workload, args.steps * args.batch)
 
 
 class EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
+    """Each epoch's seconds; with `count`, the Python function calls made
+    inside each epoch's clock instead (what the measured window runs)."""
+
+    def __init__(self, count=False):
         super().__init__()
-        self.seconds = []
+        self.seconds, self.calls, self.count = [], [], count
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self.count:
+            calls = [0]
+            self.calls.append(calls)
+
+            def profile(frame, event, arg):
+                if event == "call":
+                    calls[0] += 1
+
+            sys.setprofile(profile)
         self._begin = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         float(np.asarray(keras.ops.convert_to_numpy(logs["loss"])))  # the step has finished
         self.seconds.append(time.perf_counter() - self._begin)
+        if self.count:
+            sys.setprofile(None)
 
 
 def build():
@@ -97,8 +111,8 @@ def build():
 models = {"B": build(), "A": build()} if args.swap else {"A": build(), "B": build()}
 
 
-def fit(method, steps=None, epochs=None):
-    timer = EpochTimer()
+def fit(method, steps=None, epochs=None, timer=None):
+    timer = timer or EpochTimer()
     n = (steps or args.steps) * args.batch
     kwargs = dict(batch_size=args.batch, epochs=epochs or args.epochs, shuffle=False, verbose=0,
                   callbacks=[timer])
@@ -155,6 +169,11 @@ if BACKEND == "tensorflow":
           f"{sum(ops['B'].values())}, op types whose counts differ: {differing or 'none'}", flush=True)
 calls = {m: python_calls_per_step(m, steps=max(1, min(20, args.steps // 2))) for m in "AB"}
 print(f"Python calls per step: ours {calls['A']:.1f}, native {calls['B']:.1f}", flush=True)
+counters = {m: EpochTimer(count=True) for m in "AB"}
+for m in "AB":
+    fit(m, epochs=2, timer=counters[m])
+epoch_calls = {m: counters[m].calls[-1][0] for m in "AB"}  # the second epoch's: the first holds a new fit's start
+print(f"Python calls inside an epoch's clock: ours {epoch_calls['A']}, native {epoch_calls['B']}", flush=True)
 epochs = {"A": [], "B": []}
 pairs = []
 for r in range(args.rounds):
@@ -169,6 +188,7 @@ result = {
     "backend": BACKEND, "strategy": "default", "workload": args.workload,
     "optimizer": args.optimizer, "batch": args.batch, "steps": args.steps, "epochs": args.epochs,
     "rounds": args.rounds, "control": args.control, "swap": args.swap, "samples_per_s": epochs, "python_calls_per_step": calls,
+    "python_calls_per_epoch": epoch_calls,
     "graph_ops": {m: dict(sorted(c.items())) for m, c in ops.items()},
     "median_A": statistics.median(epochs["A"]), "median_B": statistics.median(epochs["B"]),
     "paired_ratios": pairs, "median_paired_ratio": statistics.median(pairs),

@@ -102,8 +102,8 @@ def test_predict_or_refit_smoke(tmp_path):
 def test_same_process_default_runs_the_same_python_per_step(tmp_path):
     """benchmarks/same_process.py (TensorFlow: its per-step Python is the
     same from run to run): `fit(distribution=Default())` makes as many Python
-    calls per step as plain `fit`, its traced training step has the same
-    operations, type for type, and both train."""
+    calls per step and inside an epoch's clock as plain `fit`, its traced
+    training step has the same operations, type for type, and both train."""
     if BACKEND != "tensorflow":
         pytest.skip("one backend is enough for the script; TensorFlow's call count per step is exact")
     out = tmp_path / "same.json"
@@ -116,6 +116,8 @@ def test_same_process_default_runs_the_same_python_per_step(tmp_path):
     result = json.loads(out.read_text())
     calls = result["python_calls_per_step"]
     assert calls["B"] > 100 and abs(calls["A"] - calls["B"]) <= 1, calls
+    epoch_calls = result["python_calls_per_epoch"]
+    assert epoch_calls["B"] > 1000 and epoch_calls["A"] == epoch_calls["B"], epoch_calls
     ops = result["graph_ops"]
     assert sum(ops["B"].values()) > 100 and ops["A"] == ops["B"], ops
     assert result["median_A"] > 0 and result["median_B"] > 0 and len(result["paired_ratios"]) == 2
