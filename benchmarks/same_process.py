@@ -187,13 +187,15 @@ for r in range(args.rounds):
 result = {
     "backend": BACKEND, "strategy": "default", "workload": args.workload,
     "optimizer": args.optimizer, "batch": args.batch, "steps": args.steps, "epochs": args.epochs,
-    "rounds": args.rounds, "control": args.control, "swap": args.swap, "samples_per_s": epochs, "python_calls_per_step": calls,
-    "python_calls_per_epoch": epoch_calls,
+    "rounds": args.rounds, "control": args.control, "swap": args.swap, "samples_per_s": epochs,
+    "python_calls_per_step": calls, "python_calls_per_epoch": epoch_calls,
     "graph_ops": {m: dict(sorted(c.items())) for m, c in ops.items()},
     "median_A": statistics.median(epochs["A"]), "median_B": statistics.median(epochs["B"]),
     "paired_ratios": pairs, "median_paired_ratio": statistics.median(pairs),
 }
-print(f"{BACKEND} default {args.workload} {args.optimizer}{' (control: A is plain fit too)' if args.control else ''}{' (native built first)' if args.swap else ''}: "
+label = " (control: A is plain fit too)" if args.control else ""
+label += " (native built first)" if args.swap else ""
+print(f"{BACKEND} default {args.workload} {args.optimizer}{label}: "
       f"ours {result['median_A']:.0f}, native {result['median_B']:.0f} samples/s; "
       f"ours / native {result['median_A'] / result['median_B']:.3f}; paired ratios "
       + " ".join(f"{p:.3f}" for p in pairs) + f" (median {result['median_paired_ratio']:.3f})")
