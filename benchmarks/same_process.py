@@ -73,6 +73,17 @@ strategy = ks.Default()
 x, y = make_data(args.workload, args.steps * args.batch)
 
 
+def count_calls(calls):
+    """Starts counting Python function calls into `calls[0]` (until
+    `sys.setprofile(None)`)."""
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls[0] += 1
+
+    sys.setprofile(profile)
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Each epoch's seconds; with `count`, the Python function calls made
     inside each epoch's clock instead (what the measured window runs)."""
@@ -83,14 +94,8 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.count:
-            calls = [0]
-            self.calls.append(calls)
-
-            def profile(frame, event, arg):
-                if event == "call":
-                    calls[0] += 1
-
-            sys.setprofile(profile)
+            self.calls.append([0])
+            count_calls(self.calls[-1])
         self._begin = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -131,12 +136,7 @@ def python_calls_per_step(method, steps):
     counts = []
     for n in (steps, 2 * steps):
         calls = [0]
-
-        def profile(frame, event, arg):
-            if event == "call":
-                calls[0] += 1
-
-        sys.setprofile(profile)
+        count_calls(calls)
         try:
             fit(method, steps=n, epochs=1)
         finally:
