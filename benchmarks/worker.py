@@ -210,11 +210,27 @@ x, y = make_data(args.workload, args.steps * args.batch)
 samples_per_epoch = args.steps * args.batch
 
 
+def wait_for_peers():
+    """`KS_BENCH_BARRIER=DIR:N` (benchmarks/ceiling.py, independent processes
+    measured side by side): start training once N processes are ready, so
+    that their epochs overlap; at most 120 s."""
+    if not os.environ.get("KS_BENCH_BARRIER"):
+        return
+    directory, count = os.environ["KS_BENCH_BARRIER"].rsplit(":", 1)
+    open(os.path.join(directory, f"ready.{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + 120
+    while len([n for n in os.listdir(directory) if n.startswith("ready.")]) < int(count):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"KS_BENCH_BARRIER: {count} processes were not ready within 120 s")
+        time.sleep(0.01)
+
+
 class Timer(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.first_step_end = None
         self.epoch_times = []
+        self.epoch_wall = []  # [begin, end] of each epoch, seconds since the epoch (to compare processes)
         self.epoch_cpu = []
         self.steps_seen = []
         self._begin = None
@@ -231,12 +247,14 @@ class Timer(keras.callbacks.Callback):
         self.steps_seen.append(0)
         self._begin = time.perf_counter()
         self._begin_cpu = time.process_time()
+        self.epoch_wall.append([time.time(), None])
 
     def on_epoch_end(self, epoch, logs=None):
         if logs and "loss" in logs:
             float(np.asarray(keras.ops.convert_to_numpy(logs["loss"])))
         self.epoch_times.append(time.perf_counter() - self._begin)
         self.epoch_cpu.append(time.process_time() - self._begin_cpu)
+        self.epoch_wall[-1][1] = time.time()
 
 
 def compile_model(model):
@@ -247,9 +265,14 @@ def compile_model(model):
     )
 
 
+epoch_wall = []  # Keras fit runs and the DDP loops: each epoch's [begin, end] wall-clock time
+
+
 def run_keras_fit():
     set_seed(0)
+    wait_for_peers()
     timer = Timer()
+    epoch_wall[:] = [timer.epoch_wall]
     fit_kwargs = dict(batch_size=args.batch, epochs=args.epochs, shuffle=False, verbose=0,
                       callbacks=[timer])
     if args.validation_batches:  # the first examples (the time of each epoch includes its validation)
@@ -321,9 +344,13 @@ def run_torch_loop():
     epoch_times = []
     epoch_cpu = []
     steps_seen = []
+    walls = []
+    epoch_wall[:] = [walls]
+    wait_for_peers()
     for _ in range(args.epochs):
         begin = time.perf_counter()
         begin_cpu = time.process_time()
+        walls.append([time.time(), None])
         steps_seen.append(0)
         for xb, yb in loader:
             steps_seen[-1] += 1
@@ -341,6 +368,7 @@ def run_torch_loop():
         loss.item()
         epoch_times.append(time.perf_counter() - begin)
         epoch_cpu.append(time.process_time() - begin_cpu)
+        walls[-1][1] = time.time()
     del ddp  # before destroying the group (multiprocess-notes.md: DDP shutdown)
     dist.destroy_process_group()
     return epoch_times, epoch_cpu, first, steps_seen
@@ -417,4 +445,6 @@ write({
     "steps_per_epoch": args.steps,
     "steps_seen": steps_seen,
     "first_step_s": first_step,
+    **({"epoch_wall": epoch_wall[0]} if epoch_wall else {}),
+    **({"cores": sorted(os.sched_getaffinity(0))} if hasattr(os, "sched_getaffinity") else {}),
 })

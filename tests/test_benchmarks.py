@@ -215,3 +215,26 @@ def test_warmup_epochs_leave_out_the_leading_epochs(tmp_path, monkeypatch):
     assert run.steady_state([report], 1)["samples_per_s"] == [50.0, 100.0, 200.0]
     with pytest.raises(SystemExit, match="warmup-epochs 4 leaves no epoch"):
         run.main(["--warmup-epochs", "4", "--epochs", "4", "--out", str(tmp_path / "r.json")])
+
+
+def test_ceiling_smoke(tmp_path):
+    """benchmarks/ceiling.py (torch: the fastest start): one process alone at
+    the batch and at half of it, then two at half side by side, each pinned
+    to its own core, their throughput counted over epochs both ran through."""
+    if BACKEND != "torch":
+        pytest.skip("one backend is enough: the script's logic is the same for each")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the pair needs two cores")
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "ceiling.py"), "--backends", "torch", "--workloads", "mlp",
+         "--rounds", "1", "--epochs", "6", "--steps", "20", "--batch", "64", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result, = json.loads(out.read_text())["results"]
+    pair, = result["runs"]["pair"]
+    assert len(pair["samples_per_s"]) == 2 and all(n >= 1 for n in pair["epochs_counted"]), pair
+    assert len(pair["cores"][0]) == len(pair["cores"][1]) == 1 and pair["cores"][0] != pair["cores"][1], pair
+    assert result["ceiling"] == pytest.approx(result["pair"] / (2 * result["alone"]))
+    assert all(result[k] > 0 for k in ("alone", "alone_half", "pair")), result
