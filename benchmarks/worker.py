@@ -230,7 +230,7 @@ class Timer(keras.callbacks.Callback):
         super().__init__()
         self.first_step_end = None
         self.epoch_times = []
-        self.epoch_wall = []  # [begin, end] of each epoch, seconds since the epoch (to compare processes)
+        self.epoch_wall = []  # [begin, end] of each epoch in Unix time (to compare processes)
         self.epoch_cpu = []
         self.steps_seen = []
         self._begin = None
