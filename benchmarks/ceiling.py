@@ -30,9 +30,9 @@ Writes OUT (JSON) and OUT's .md (the table), and prints the table.
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,9 +67,12 @@ def parse(argv=None):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """keras_strategies.launch.ports.free_port, loaded from its file: importing
+    the package would start Keras and its backend in this parent process."""
+    spec = importlib.util.spec_from_file_location("ports", os.path.join(ROOT, "keras_strategies", "launch", "ports.py"))
+    ports = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ports)
+    return ports.free_port()
 
 
 def start(backend, batch, args, out, barrier=None, core=None):
