@@ -210,6 +210,10 @@ x, y = make_data(args.workload, args.steps * args.batch)
 samples_per_epoch = args.steps * args.batch
 
 
+# Keras fit runs and the DDP loops: each epoch's [begin, end] in Unix time (to compare processes)
+epoch_wall = []
+
+
 def wait_for_peers():
     """`KS_BENCH_BARRIER=DIR:N` (benchmarks/ceiling.py, independent processes
     measured side by side): start training once N processes are ready, so
@@ -230,7 +234,6 @@ class Timer(keras.callbacks.Callback):
         super().__init__()
         self.first_step_end = None
         self.epoch_times = []
-        self.epoch_wall = []  # [begin, end] of each epoch in Unix time (to compare processes)
         self.epoch_cpu = []
         self.steps_seen = []
         self._begin = None
@@ -247,14 +250,14 @@ class Timer(keras.callbacks.Callback):
         self.steps_seen.append(0)
         self._begin = time.perf_counter()
         self._begin_cpu = time.process_time()
-        self.epoch_wall.append([time.time(), None])
+        epoch_wall.append([time.time(), None])
 
     def on_epoch_end(self, epoch, logs=None):
         if logs and "loss" in logs:
             float(np.asarray(keras.ops.convert_to_numpy(logs["loss"])))
         self.epoch_times.append(time.perf_counter() - self._begin)
         self.epoch_cpu.append(time.process_time() - self._begin_cpu)
-        self.epoch_wall[-1][1] = time.time()
+        epoch_wall[-1][1] = time.time()
 
 
 def compile_model(model):
@@ -265,14 +268,10 @@ def compile_model(model):
     )
 
 
-epoch_wall = []  # Keras fit runs and the DDP loops: each epoch's [begin, end] wall-clock time
-
-
 def run_keras_fit():
     set_seed(0)
     wait_for_peers()
     timer = Timer()
-    epoch_wall[:] = [timer.epoch_wall]
     fit_kwargs = dict(batch_size=args.batch, epochs=args.epochs, shuffle=False, verbose=0,
                       callbacks=[timer])
     if args.validation_batches:  # the first examples (the time of each epoch includes its validation)
@@ -344,13 +343,11 @@ def run_torch_loop():
     epoch_times = []
     epoch_cpu = []
     steps_seen = []
-    walls = []
-    epoch_wall[:] = [walls]
     wait_for_peers()
     for _ in range(args.epochs):
         begin = time.perf_counter()
         begin_cpu = time.process_time()
-        walls.append([time.time(), None])
+        epoch_wall.append([time.time(), None])
         steps_seen.append(0)
         for xb, yb in loader:
             steps_seen[-1] += 1
@@ -368,7 +365,7 @@ def run_torch_loop():
         loss.item()
         epoch_times.append(time.perf_counter() - begin)
         epoch_cpu.append(time.process_time() - begin_cpu)
-        walls[-1][1] = time.time()
+        epoch_wall[-1][1] = time.time()
     del ddp  # before destroying the group (multiprocess-notes.md: DDP shutdown)
     dist.destroy_process_group()
     return epoch_times, epoch_cpu, first, steps_seen
@@ -445,6 +442,6 @@ write({
     "steps_per_epoch": args.steps,
     "steps_seen": steps_seen,
     "first_step_s": first_step,
-    **({"epoch_wall": epoch_wall[0]} if epoch_wall else {}),
+    **({"epoch_wall": epoch_wall} if epoch_wall else {}),
     **({"cores": sorted(os.sched_getaffinity(0))} if hasattr(os, "sched_getaffinity") else {}),
 })
