@@ -155,8 +155,10 @@ def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed
         # endless, said so: TensorFlow's distributed iterators make every worker agree at each step on whether
         # each still has data (an all-reduce a step across processes) unless the dataset is known to be infinite
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+        # TensorFlow's default graph rewrites stay on (Keras turns them off): without them, dropping an iterator
+        # of this endless dataset while TensorFlow's multi-device iterator still read ahead crashed the process on
+        # a busy machine (TensorFlow 2.21; tests/test_input_teardown.py); they cost ~6 ms once per iterator
         options = tf.data.Options()
-        options.experimental_optimization.apply_default_optimizations = False  # as Keras: no graph rewrite
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
