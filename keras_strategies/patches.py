@@ -126,6 +126,12 @@ PATCHES = (
           "MultiWorkerMirrored a new distributed iterator each epoch, ~0.1 s of CPU and often 0.2-1.5 s of "
           "every worker's time (kept only for the endless validation datasets of "
           "backends/tensorflow/one_iterator.py)."),
+    Patch("tf-dataset-rewrites",
+          ("keras.src.trainers.data_adapters.array_data_adapter:ArrayDataAdapter.get_tf_dataset",),
+          "keras_strategies.backends.tensorflow.one_iterator:with_default_rewrites", "run", _TF,
+          "Keras's dataset of arrays turns TensorFlow's graph rewrites off; so built, dropping a distributed "
+          "iterator still reading ahead (steps_per_epoch shorter than the data) could segfault TensorFlow 2.21's "
+          "multi-device iterator on a busy machine."),
     Patch("epoch-spare-iterator", ("keras.src.trainers.epoch_iterator:EpochIterator._enumerate_iterator",),
           "keras_strategies.implementation.resume:without_spare_iterator", "run", _ALL,
           "Each epoch's end makes an iterator the next epoch never uses (without steps_per_epoch): a "

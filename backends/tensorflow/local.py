@@ -29,7 +29,7 @@ class TFOneDevice(TFImplementation):
 class TFMirrored(TFImplementation):
     """`tf.distribute.MirroredStrategy` over the devices (every GPU by default)."""
 
-    keras_patches = TFImplementation.keras_patches + ("tf-one-validation-iterator",)
+    keras_patches = TFImplementation.keras_patches + ("tf-one-validation-iterator", "tf-dataset-rewrites")
 
     def __init__(self, strategy, devices):
         super().__init__(strategy, devices)

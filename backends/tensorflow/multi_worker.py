@@ -43,7 +43,8 @@ def _resolver(cluster, timeout, reservation):
 class TFMultiWorkerMirrored(MultiProcessImplementation, TFImplementation):
     """One `MultiWorkerMirroredStrategy` per process, every local GPU (or the CPU)."""
 
-    keras_patches = TFImplementation.keras_patches + ("keras-20585-reduce", "tf-one-validation-iterator")
+    keras_patches = TFImplementation.keras_patches + ("keras-20585-reduce", "tf-one-validation-iterator",
+                                                       "tf-dataset-rewrites")
     lost_contact_errors = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                            tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError)
 

@@ -155,10 +155,7 @@ def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed
         # endless, said so: TensorFlow's distributed iterators make every worker agree at each step on whether
         # each still has data (an all-reduce a step across processes) unless the dataset is known to be infinite
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
-        # TensorFlow's default graph rewrites stay on (Keras turns them off): without them, dropping an iterator
-        # of this endless dataset while TensorFlow's multi-device iterator still read ahead crashed the process on
-        # a busy machine (TensorFlow 2.21; tests/test_input_teardown.py); they cost ~6 ms once per iterator
-        options = tf.data.Options()
+        options = tf.data.Options()  # TensorFlow's default graph rewrites stay on: see `with_default_rewrites`
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
@@ -229,3 +226,30 @@ def keeping_whole_epochs_iterator(original):
             self._current_iterator = kept
 
     return reset
+
+
+def with_default_rewrites(original):
+    """`ArrayDataAdapter.get_tf_dataset` whose dataset keeps TensorFlow's
+    default graph rewrites, as the endless datasets made here do (patch
+    "tf-dataset-rewrites").
+
+    Keras turns them off for arrays (`apply_default_optimizations = False`,
+    to save the rewrite's few milliseconds per iterator). With them off,
+    dropping a distributed iterator while TensorFlow's multi-device iterator
+    still read ahead (a `fit` with `steps_per_epoch` shorter than the data,
+    the end of every `fit` on the endless datasets) crashed the process with
+    a segmentation fault on a busy machine (TensorFlow 2.21, 2 CPU replicas:
+    the core's backtrace in that iterator's background thread; in 4 of 4
+    stress runs on the endless datasets, 1 of 2 on Keras's; with the
+    rewrites on 0 of 4 and 0 of 3, tests/test_input_teardown.py). They cost
+    ~6 ms per iterator (126 against 133 ms to make one and read its first
+    batch, the benchmark CNN's input).
+    """
+
+    def get_tf_dataset(self):
+        dataset = original(self)
+        options = tf.data.Options()
+        options.experimental_optimization.apply_default_optimizations = True
+        return dataset.with_options(options)
+
+    return get_tf_dataset
