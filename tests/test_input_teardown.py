@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from conftest import BACKEND
+from run_all import lowest_priority
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECONDS = 45  # as they were, the inputs crashed within 40 s in 4 of 4 (endless) and 2 of 3 runs (see the test)
@@ -28,13 +29,6 @@ while time.time() < end:  # busy 10 ms of every 14: the job, in the idle class, 
         pass
     time.sleep(0.004)
 """
-
-
-def _idle_class():
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's multi-device iterator; the other backends "
@@ -55,7 +49,7 @@ def test_tensorflow_inputs_survive_dropped_iterators_under_load(kind):
     hogs = [subprocess.Popen([sys.executable, "-c", HOG.format(seconds=SECONDS + 30)]) for _ in range(2)]
     job = subprocess.Popen([sys.executable, os.path.join(HERE, "iterator_teardown_job.py"), str(SECONDS), kind],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           preexec_fn=_idle_class)
+                           preexec_fn=lambda: lowest_priority(0))  # the job itself, as run_all does
     try:
         output, _ = job.communicate(timeout=SECONDS + 240)
     finally:
