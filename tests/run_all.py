@@ -40,6 +40,7 @@ backend has a failure or runs no test, and ends with one closing line adding
 up every backend.
 """
 
+import collections
 import concurrent.futures
 import importlib.util
 import os
@@ -118,10 +119,15 @@ def wait_with_cpu(process):
     return process.returncode, usage.ru_utime + usage.ru_stime
 
 
+Outcome = collections.namedtuple("Outcome", "code counts seconds output cpu")
+"""One pytest process's result: exit code, counts per word in `WORDS`, wall
+seconds, its whole output, and CPU seconds (`None` where `wait4` is missing)."""
+
+
 def run(root, backend, marker, extra, echo, cache, paths=("tests",), lowest=False):
     """One pytest process over the tests `marker` selects in `paths` (each
     relative to `root`, or a pytest option such as `--ignore=...`); returns
-    `(exit code, counts, seconds, output, CPU seconds)` and prints the output as it comes
+    its `Outcome` and prints the output as it comes
     when `echo`. JAX programs are compiled once into `cache`. `lowest`: at the
     lowest CPU priority (`lowest_priority`)."""
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1", **jax_cache(cache))
@@ -147,14 +153,13 @@ def run(root, backend, marker, extra, echo, cache, paths=("tests",), lowest=Fals
     counts = dict.fromkeys(WORDS, 0)
     for number, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", last):
         counts["errors" if word.startswith("error") else word] += int(number)
-    return code, counts, time.time() - start, "".join(lines), cpu
+    return Outcome(code, counts, time.time() - start, "".join(lines), cpu)
 
 
 def report(backend, phase, outcome):
-    code, counts, seconds, _, cpu = outcome
-    print(f"===== {backend} ({phase}): exit {code}, {seconds:.0f}s" + ("" if cpu is None else f" (CPU {cpu:.0f}s)")
-          + ", "
-          + ", ".join(f"{counts[w]} {w}" for w in WORDS) + " =====", flush=True)
+    cpu = "" if outcome.cpu is None else f" (CPU {outcome.cpu:.0f}s)"
+    print(f"===== {backend} ({phase}): exit {outcome.code}, {outcome.seconds:.0f}s{cpu}, "
+          + ", ".join(f"{outcome.counts[w]} {w}" for w in WORDS) + " =====", flush=True)
 
 
 def in_process_jobs(backends):
@@ -183,7 +188,7 @@ def main(argv):
             printed.add(future)
             (backend, name), outcome = futures[future], future.result()
             if side_by_side:
-                print(f"===== KERAS_BACKEND={backend} ({name}) =====\n{outcome[3]}", end="", flush=True)
+                print(f"===== KERAS_BACKEND={backend} ({name}) =====\n{outcome.output}", end="", flush=True)
             report(backend, name, outcome)
             outcomes[backend].append(outcome)
 
@@ -215,7 +220,7 @@ def main(argv):
                 backend, echoed = running.pop(future)
                 outcome = future.result()
                 if not echoed:
-                    print(f"===== KERAS_BACKEND={backend} (the others) =====\n{outcome[3]}", end="", flush=True)
+                    print(f"===== KERAS_BACKEND={backend} (the others) =====\n{outcome.output}", end="", flush=True)
                 report(backend, "the others", outcome)
                 outcomes[backend].append(outcome)
             print_finished(futures)
@@ -223,14 +228,14 @@ def main(argv):
     shutil.rmtree(cache, ignore_errors=True)
     ok, totals = True, dict.fromkeys(WORDS, 0)
     for backend, results in outcomes.items():
-        passed = sum(counts["passed"] for _, counts, _, _, _ in results)
-        if passed == 0 or any(code not in (0, NO_TESTS_COLLECTED) for code, _, _, _, _ in results):
+        passed = sum(result.counts["passed"] for result in results)
+        if passed == 0 or any(result.code not in (0, NO_TESTS_COLLECTED) for result in results):
             ok = False
             print(f"===== {backend}: FAILED (or ran no test) =====")
-        for _, counts, _, _, _ in results:
+        for result in results:
             for word in WORDS:
-                totals[word] += counts[word]
-    cpus = [result[4] for results in outcomes.values() for result in results]
+                totals[word] += result.counts[word]
+    cpus = [result.cpu for results in outcomes.values() for result in results]
     print(f"all backends: {totals['passed']} passed, {totals['failed'] + totals['errors']} failed, "
           f"{totals['skipped']} skipped in {time.time() - start:.0f}s"
           + ("" if None in cpus else f" (CPU {sum(cpus):.0f}s)"))
