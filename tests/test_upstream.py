@@ -158,7 +158,7 @@ def test_the_reproduction_still_shows_its_bug(page, outputs):
     _, _, markers, _ = parse(page)
     output = outputs(_group(page))[page.name]
     missing = [m for m in markers if m not in output]
-    assert not missing, (f"{page.name} no longer shows {missing}: has Keras fixed it? Then drop the page and its "
+    assert not missing, (f"{page.name} no longer shows {missing}: has Keras (or the engine) fixed it? Then drop the page and its "
                          f"patch. Its output:\n{output[-4000:]}")
 
 
