@@ -158,8 +158,8 @@ def test_the_reproduction_still_shows_its_bug(page, outputs):
     _, _, markers, _ = parse(page)
     output = outputs(_group(page))[page.name]
     missing = [m for m in markers if m not in output]
-    assert not missing, (f"{page.name} no longer shows {missing}: has Keras (or the engine) fixed it? Then drop the page and its "
-                         f"patch. Its output:\n{output[-4000:]}")
+    assert not missing, (f"{page.name} no longer shows {missing}: has Keras (or the engine) fixed it? Then drop "
+                         f"the page and its patch. Its output:\n{output[-4000:]}")
 
 
 def test_every_page_is_well_formed():
