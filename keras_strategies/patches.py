@@ -131,7 +131,8 @@ PATCHES = (
           "keras_strategies.backends.tensorflow.one_iterator:with_default_rewrites", "run", _TF,
           "Keras's dataset of arrays turns TensorFlow's graph rewrites off; so built, dropping a distributed "
           "iterator still reading ahead (steps_per_epoch shorter than the data) could segfault TensorFlow 2.21's "
-          "multi-device iterator on a busy machine."),
+          "multi-device iterator on a busy machine; in a process bound to one core its autotuning is turned off "
+          "(dropping an autotuned iterator there waited up to half the iterator's life)."),
     Patch("epoch-spare-iterator", ("keras.src.trainers.epoch_iterator:EpochIterator._enumerate_iterator",),
           "keras_strategies.implementation.resume:without_spare_iterator", "run", _ALL,
           "Each epoch's end makes an iterator the next epoch never uses (without steps_per_epoch): a "

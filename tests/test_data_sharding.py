@@ -153,6 +153,31 @@ def test_indivisible_global_batch_is_a_clear_error():
         data.shard_input(x, None, None, 5, False, 0, 2, "MultiWorkerMirrored(...)")
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data's options; the other backends iterate arrays in "
+                    "numpy")
+def test_tensorflow_datasets_of_a_process_bound_to_one_core_do_not_autotune(monkeypatch):
+    """backends/tensorflow/one_iterator.py's `dataset_options`: bound to one
+    core, dropping an autotuned iterator waited up to half its life
+    (docs/upstream/tf-autotune-one-core-wait.md), so Keras's dataset of
+    arrays (patch tf-dataset-rewrites) and the endless fit input turn
+    autotuning off there, and keep TensorFlow's default on more cores."""
+    import os
+
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from keras_strategies.backends.tensorflow import one_iterator
+
+    x, y = np.zeros((8, 2), "float32"), np.zeros(8, "int32")
+    keras_dataset = one_iterator.with_default_rewrites(ArrayDataAdapter.get_tf_dataset)
+    for cores, autotune in (({3}, False), ({0, 1}, None)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores)
+        arrays = keras_dataset(ArrayDataAdapter(x, y, batch_size=4))
+        endless, _ = one_iterator.endless_batches(x, y, None, 4, None, False, 0, 0)
+        assert arrays.options().autotune.enabled is autotune, cores
+        assert endless.options().autotune.enabled is autotune, cores
+        assert arrays.options().experimental_optimization.apply_default_optimizations  # the rewrites stay on
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow MultiWorkerMirrored's input (tf.data); the "
                     "other backends iterate arrays in numpy")
 def test_tensorflow_one_iterator_input_has_each_epochs_batches():

@@ -32,6 +32,7 @@ worker gather every global batch to keep its share.
 """
 
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -155,7 +156,7 @@ def endless_batches(x, y, sample_weight, batch_size, class_weight, shuffle, seed
         # endless, said so: TensorFlow's distributed iterators make every worker agree at each step on whether
         # each still has data (an all-reduce a step across processes) unless the dataset is known to be infinite
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
-        options = tf.data.Options()  # TensorFlow's default graph rewrites stay on: see `with_default_rewrites`
+        options = dataset_options()  # TensorFlow's default graph rewrites stay on: see `with_default_rewrites`
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
@@ -228,6 +229,30 @@ def keeping_whole_epochs_iterator(original):
     return reset
 
 
+def one_core():
+    """Whether this process may run on one CPU core only (its affinity: `taskset -c 3`, a Slurm task bound
+    to one CPU, a Kubernetes container given one exclusive core)."""
+    return hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == 1
+
+
+def dataset_options():
+    """The `tf.data.Options` of the datasets this package makes or lets Keras make: tf.data's autotuning is
+    off in a process bound to one core (`one_core`).
+
+    TensorFlow 2.21 there: dropping an iterator whose pipeline autotunes waits, idle, for a time that grows
+    with the iterator's life (0.12 s after 0.23 s, 0.6 s after 0.75 s, 2.5 s after 3.5 s; the autotuner's
+    period doubles from 10 ms as an iterator lives, which fits), so every `fit` epoch, `evaluate` and
+    `predict` ended in such a wait: a Keras `predict` of 65 536 rows took 1.37 s, 0.61 s of it after its last
+    batch, against 0.72 s with autotuning off (docs/upstream/tf-autotune-one-core-wait.md). On two cores,
+    none. With one core autotuning has no parallelism to tune, and prefetching still runs. Every other
+    process keeps it.
+    """
+    options = tf.data.Options()
+    if one_core():
+        options.autotune.enabled = False
+    return options
+
+
 def with_default_rewrites(original):
     """`ArrayDataAdapter.get_tf_dataset` whose dataset keeps TensorFlow's
     default graph rewrites, as the endless datasets made here do (patch
@@ -244,12 +269,13 @@ def with_default_rewrites(original):
     processes), with the rewrites off: every run red, each input's job
     crashed in 5 of 6 runs; with them on, none crashed. They cost
     ~6 ms per iterator (126 against 133 ms to make one and read its first
-    batch, the benchmark CNN's input).
+    batch, the benchmark CNN's input). In a process bound to one core the
+    dataset's autotuning is off too (`dataset_options`).
     """
 
     def get_tf_dataset(self):
         dataset = original(self)
-        options = tf.data.Options()
+        options = dataset_options()
         options.experimental_optimization.apply_default_optimizations = True
         return dataset.with_options(options)
 
