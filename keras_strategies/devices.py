@@ -1,5 +1,7 @@
-"""Keras-style device names (`"cpu:0"`, `"gpu:1"`, `"tpu:0"`), shared by every backend."""
+"""Keras-style device names (`"cpu:0"`, `"gpu:1"`, `"tpu:0"`), and the CPU
+cores this process may use, shared by every backend."""
 
+import os
 import re
 
 from keras_strategies.errors import StrategyError
@@ -9,6 +11,24 @@ _PATTERN = re.compile(
     r"^/?(?:job:[^/]+/)?(?:replica:\d+/)?(?:task:\d+/)?(?:device:)?"
     r"(?P<type>[a-z]+)(?::(?P<index>\d+))?$"
 )
+
+
+def usable_cores():
+    """The CPU cores this process may run on: its affinity where the system
+    has one (`taskset`, a Slurm task's binding, a container's cpuset),
+    else the machine's count.
+
+    Returns:
+        An int, at least 1.
+
+    Example:
+    >>> usable_cores() >= 1
+    True
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def parse_device(name):

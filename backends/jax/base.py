@@ -18,7 +18,7 @@ import jax
 import keras
 
 from keras_strategies.backends.jax.keras_fixes import unaliased_ema
-from keras_strategies.devices import parse_device
+from keras_strategies.devices import parse_device, usable_cores
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.model_state import (
@@ -55,7 +55,7 @@ def cpu_client_threads(count):
     on time"). Measured on 2 cores, 2 devices, three 200-step fits of an MLP:
     7 of 8 processes aborted with the client's 2 threads, 0 of 6 with 4.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if count < 2 or cores >= 2 * count or os.environ.get(CPU_CLIENT_THREADS) or os.environ.get("NPROC"):
         return None
     return 2 * count

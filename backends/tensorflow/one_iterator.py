@@ -32,7 +32,6 @@ worker gather every global batch to keep its share.
 """
 
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -40,6 +39,7 @@ from keras.src import tree
 from keras.src.trainers.data_adapters import array_slicing
 from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
+from keras_strategies.devices import usable_cores
 from keras_strategies.implementation import data as data_lib
 
 
@@ -232,7 +232,7 @@ def keeping_whole_epochs_iterator(original):
 def one_core():
     """Whether this process may run on one CPU core only (its affinity: `taskset -c 3`, a Slurm task bound
     to one CPU, a Kubernetes container given one exclusive core)."""
-    return hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == 1
+    return usable_cores() == 1
 
 
 def dataset_options():

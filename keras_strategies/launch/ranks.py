@@ -12,6 +12,7 @@ import os
 from keras_strategies.cluster import NUM_PS_VARIABLE
 from keras_strategies.cluster.rendezvous import agree_nodes
 from keras_strategies.cluster.spec import split_address
+from keras_strategies.devices import usable_cores
 from keras_strategies.errors import ClusterError, LaunchError
 from keras_strategies.launch.job import Job, say
 from keras_strategies.launch.ports import port_in_use, quiet_port
@@ -26,13 +27,6 @@ _FOREIGN_CLUSTER_VARIABLES = (
     "KERAS_DISTRIBUTION_NUM_PROCESSES",
     "KERAS_DISTRIBUTION_PROCESS_ID",
 )
-
-
-def _cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def rank_thread_settings(nproc_per_node, environ=None, cpu_count=None):
@@ -61,7 +55,7 @@ def rank_thread_settings(nproc_per_node, environ=None, cpu_count=None):
     '1'
     """
     environ = os.environ if environ is None else environ
-    cores = _cpu_count() if cpu_count is None else cpu_count
+    cores = usable_cores() if cpu_count is None else cpu_count
     threads = max(1, cores // max(1, nproc_per_node))
     wanted = {
         "OMP_NUM_THREADS": str(threads),
