@@ -164,6 +164,9 @@ PATCHES = (
           "", "model", _TF, "A model built outside the scope runs under the strategy for one call."),
     Patch("jax-late-layout", ("Model._symbolic_build",), "", "model", _JAX,
           "Optimizer slots and metrics created inside fit must be laid out on the mesh too."),
+    Patch("jax-bounded-steps", ("Model._make_function",), "", "model", _JAX,
+          "On host devices a fit dispatches steps without reading them until XLA's CPU client's queue of 32 "
+          "per device is full; its next launch then waits on a thread the all-reduce needs, and XLA aborts."),
     Patch("jax-gathered-predict", ("Model.make_predict_function",), "", "model", _JAX,
           "Multi-process predict: each device computes its slice, and the outputs are gathered to every "
           "process (Keras's numpy conversion needs them whole); before, every device computed everything."),

@@ -11,14 +11,12 @@
 """
 
 import contextlib
-import os
-import warnings
 
 import jax
 import keras
 
-from keras_strategies.backends.jax.keras_fixes import unaliased_ema
-from keras_strategies.devices import parse_device, usable_cores
+from keras_strategies.backends.jax.keras_fixes import bounded_steps, unaliased_ema
+from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.model_state import (
@@ -29,57 +27,18 @@ from keras_strategies.implementation.model_state import (
 from keras_strategies.patches import overriding
 
 
-_warned_threads = []  # the warning below, once per process
-
-
 def _backend_started():
     from jax._src import xla_bridge
 
     return xla_bridge.backends_are_initialized()
 
 
-# XLA's CPU client reads it once, when JAX's backend starts: the threads of
-# its pools (else the machine's cores, or the devices when more)
-CPU_CLIENT_THREADS = "PJRT_NPROC"
-
-
-def cpu_client_threads(count):
-    """The threads XLA's CPU client needs for `count` host devices to run
-    their all-reduces safely; `None` when its own choice already suffices.
-
-    The client gives its pools max(cores, devices) threads. A device's
-    all-reduce waits for the other devices' inside one of those threads
-    (the continuation of an Eigen task); with as many devices as threads, the
-    other device's computation can find none free, and XLA aborts the process
-    after 40 s ("Termination timeout for all reduce ... only 1 of them arrived
-    on time"). Measured on 2 cores, 2 devices, three 200-step fits of an MLP:
-    7 of 8 processes aborted with the client's 2 threads, 0 of 6 with 4.
-    """
-    cores = usable_cores()
-    if count < 2 or cores >= 2 * count or os.environ.get(CPU_CLIENT_THREADS) or os.environ.get("NPROC"):
-        return None
-    return 2 * count
-
-
 def ensure_cpu_devices(count, strategy_name):
-    """Gives JAX `count` host devices if its backend has not started yet,
-    and its CPU client the threads they need (`cpu_client_threads`)."""
-    threads = cpu_client_threads(count)
+    """Gives JAX `count` host devices if its backend has not started yet."""
     if not _backend_started():
         if jax.config.jax_num_cpu_devices < count:
             jax.config.update("jax_num_cpu_devices", count)
-        if threads is not None:
-            os.environ[CPU_CLIENT_THREADS] = str(threads)  # read when the backend starts
         return
-    if threads is not None and not _warned_threads:
-        _warned_threads.append(count)
-        warnings.warn(
-            f"{strategy_name} on the jax backend: JAX started before the strategy was created, so XLA's CPU "
-            f"client has too few threads for {count} devices on this machine, and a long fit can abort in "
-            f"XLA's all-reduce ('Termination timeout for all reduce'). Create the strategy before anything "
-            f"runs JAX, or set {CPU_CLIENT_THREADS}={threads} in the environment.",
-            stacklevel=3,
-        )
     have = len(jax.devices("cpu"))
     if have < count:
         raise StrategyError(
@@ -90,6 +49,15 @@ def ensure_cpu_devices(count, strategy_name):
             "environment, or call "
             f'jax.config.update("jax_num_cpu_devices", {count}) before JAX starts.'
         )
+
+
+def steps_in_flight_bounded(model, devices):
+    """Context: on host (CPU) devices, with more than one in the mesh, the
+    model's jitted steps never run far ahead of their results
+    (`keras_fixes.bounded_steps`); elsewhere nothing changes."""
+    if len(devices) < 2 or any(parse_device(device)[0] != "cpu" for device in devices):
+        return contextlib.nullcontext()
+    return overriding(model, "_make_function", bounded_steps(model._make_function), "jax-bounded-steps")
 
 
 def accelerators():
@@ -177,5 +145,5 @@ class JaxImplementation(Implementation):
             return result
 
         with overriding(model, "_symbolic_build", symbolic_build, "jax-late-layout"), self.scope(), \
-                unaliased_ema(model):
+                unaliased_ema(model), steps_in_flight_bounded(model, self.devices):
             yield

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import keras
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from keras_strategies.backends.jax.base import JaxImplementation, accelerators
+from keras_strategies.backends.jax.base import JaxImplementation, accelerators, steps_in_flight_bounded
 from keras_strategies.backends.jax.keras_fixes import unaliased_ema
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.model_state import reset_compiled_functions, state_variables
@@ -98,6 +98,7 @@ class JaxCentralStorage(JaxImplementation):
                         model, name, _maker(model, name, make), "jax-central-storage-steps"))
                 stack.enter_context(self.scope())
                 stack.enter_context(unaliased_ema(model))
+                stack.enter_context(steps_in_flight_bounded(model, self.devices))
                 yield
         finally:
             reset_compiled_functions(model)

@@ -4,6 +4,7 @@ Each factory here is given Keras's original and returns what stands in for
 it while one of this package's strategies runs.
 """
 
+import collections
 import contextlib
 
 import jax
@@ -140,3 +141,45 @@ def unaliased_ema(model):
             for variable in model.trainable_variables:
                 if variable._value is not None and id(variable._value) in shared:
                     variable._value = jax.numpy.copy(variable._value)
+
+
+# How many calls of a jitted step may run ahead of the first unfinished one.
+# XLA's CPU client admits 32 computations per device before a launch waits.
+STEPS_IN_FLIGHT = 4
+
+
+def bounded_steps(make_function, depth=STEPS_IN_FLIGHT):
+    """A `Model._make_function` whose steps wait, before returning, for the
+    step `depth` calls earlier to end.
+
+    On host devices XLA's CPU client admits 32 computations per device; the
+    launch of one more waits for a slot on one of the client's own threads
+    (as many as the machine's cores). Keras's JAX `fit` never reads a step's
+    result until the epoch ends, so a step's launch onto one device could wait
+    there while the device's earlier steps needed that very thread, and the
+    other device, inside the all-reduce, for them: XLA aborted the process
+    after 40 s ("Termination timeout for all reduce ... only 1 of them
+    arrived on time"). A few steps ahead keep the devices as busy, and the
+    queue never fills (plain JAX: docs/upstream/jax-cpu-inflight-deadlock.md).
+
+    Args:
+        make_function: the model's own `_make_function`.
+        depth: the calls that may run ahead of the first unfinished one.
+
+    Returns:
+        The replacement `_make_function`.
+    """
+
+    def _make_function(step_function, concatenate_outputs=False):
+        pending = collections.deque()
+
+        def step(state, data):
+            outputs, state = step_function(state, data)
+            pending.append(outputs)  # the state is donated to the next step; the outputs are not
+            if len(pending) > depth:
+                jax.block_until_ready(pending.popleft())
+            return outputs, state
+
+        return make_function(step, concatenate_outputs=concatenate_outputs)
+
+    return _make_function
