@@ -238,3 +238,23 @@ def test_ceiling_smoke(tmp_path):
     assert len(pair["cores"][0]) == len(pair["cores"][1]) == 1 and pair["cores"][0] != pair["cores"][1], pair
     assert result["ceiling"] == pytest.approx(result["pair"] / (2 * result["alone"]))
     assert all(result[k] > 0 for k in ("alone", "alone_half", "pair")), result
+
+
+def test_before_after_smoke(tmp_path):
+    """benchmarks/before_after.py: run.py from a worktree of a commit and from
+    the working tree, in turns, and the worktree gone after."""
+    if BACKEND != "jax":
+        pytest.skip("one backend is enough: the script's logic is the same for each")
+    out = tmp_path / "before-after.txt"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "before_after.py"), "--before", "HEAD", "--rounds", "1",
+         "--timeout", "200", "--out", str(out), "--", "--backends", "jax", "--strategies", "default",
+         "--workloads", "mlp", "--replicas", "1", "--epochs", "2", "--steps", "3", "--batch", "64"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=450,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = out.read_text()
+    assert "turn 0 before" in report and "turn 0 after" in report and "after / before" in report, report
+    trees = subprocess.run(["git", "-C", ROOT, "worktree", "list"], capture_output=True, text=True).stdout
+    assert "ks-before-" not in trees, trees
