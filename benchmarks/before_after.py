@@ -46,11 +46,29 @@ def worktree(revision):
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], timeout=120)
 
 
+def tree_env(tree):
+    """The environment in which `tree`'s code is the one imported."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def check_imports(tree):
+    """Refuses to measure when the package or its backends would come from elsewhere than `tree` (an installed copy
+    of this repository maps `keras_strategies.backends` on its own backends/)."""
+    probe = ("import keras_strategies, keras_strategies.backends as b; "
+             "print(keras_strategies.__file__); print(list(b.__path__)[0])")
+    found = subprocess.run([sys.executable, "-c", probe], cwd=str(tree), env=tree_env(tree), capture_output=True,
+                           text=True, timeout=120)
+    paths = found.stdout.split()
+    inside = [os.path.realpath(p).startswith(os.path.realpath(tree) + os.sep) for p in paths]
+    if found.returncode != 0 or len(paths) != 2 or not all(inside):
+        raise SystemExit(f"the tree of --before does not import its own code: {found.stdout}{found.stderr}")
+
+
 def one_round(tree, run_args, out, timeout):
     """samples/s of one `run.py` round of ours run from `tree` (None: the working tree)."""
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH", "")]))
+    env = dict(os.environ) if tree is None else tree_env(tree)
     command = [sys.executable, str((tree or ROOT) / "benchmarks" / "run.py"), *run_args,
                "--methods", "ks", "--repeats", "1", "--no-plot", "--out", str(out)]
     subprocess.run(command, cwd=str(tree or ROOT), env=env, check=True, timeout=timeout,
@@ -80,6 +98,7 @@ def main():
     print("\n".join(lines), flush=True)
     rates = {"before": [], "after": []}
     with worktree(args.before) as tree, tempfile.TemporaryDirectory() as scratch:
+        check_imports(tree)
         for turn in range(args.rounds):
             order = ("before", "after") if turn % 2 == 0 else ("after", "before")
             for which in order:

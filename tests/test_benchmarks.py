@@ -242,7 +242,8 @@ def test_ceiling_smoke(tmp_path):
 
 def test_before_after_smoke(tmp_path):
     """benchmarks/before_after.py: run.py from a worktree of a commit and from
-    the working tree, in turns, and the worktree gone after."""
+    the working tree, in turns (the earlier tree importing its own code, which the script checks), and the
+    worktree gone after."""
     if BACKEND != "jax":
         pytest.skip("one backend is enough: the script's logic is the same for each")
     out = tmp_path / "before-after.txt"
