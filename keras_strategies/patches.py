@@ -137,6 +137,12 @@ PATCHES = (
           "keras_strategies.implementation.resume:without_spare_iterator", "run", _ALL,
           "Each epoch's end makes an iterator the next epoch never uses (without steps_per_epoch): a "
           "tf.distribute multi-device iterator, ~0.15 s and its buffers filled, per epoch and validation."),
+    Patch("unread-batch-logs",
+          tuple(f"keras.src.callbacks.callback_list:CallbackList.on_{mode}_batch_{when}"
+                for mode in ("train", "test", "predict") for when in ("begin", "end")),
+          "keras_strategies.implementation.batch_hooks:logs_only_where_read", "run", _ALL,
+          "At every batch Keras converts the logs to floats (on JAX and PyTorch in a thread pool) and so "
+          "waits for the step, also when no callback reads them; ours (heartbeat, backups) never do."),
     Patch("resume-mid-epoch", ("keras.src.trainers.epoch_iterator:EpochIterator._enumerate_iterator",),
           "keras_strategies.implementation.resume:skipping_enumerate", "run", _ALL,
           "Keras's BackupAndRestore resumes at the start of the saved epoch (its saved step is never "

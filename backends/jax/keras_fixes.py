@@ -117,6 +117,7 @@ def without_distribution(original):
         finally:
             distribution_lib.set_distribution(active)
 
+    hook.__name__ = original.__name__  # read by implementation.batch_hooks
     return hook
 
 

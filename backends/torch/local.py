@@ -21,6 +21,7 @@ class TorchDefault(TorchImplementation):
     # DataLoader's iterator draws from torch's generator, and without it the
     # next epochs' orders would not be plain Keras's after the same seed.
     epoch_patches = ()
+    batch_patches = ()  # Default: plain Keras's own fit
 
     def scope(self):
         return contextlib.nullcontext()

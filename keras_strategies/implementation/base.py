@@ -28,6 +28,7 @@ class Implementation(abc.ABC):
     backend = None  # the Keras backend, set by each backend's base class
     keras_patches = ()  # names of "run" patches (keras_strategies.patches) active during a run
     epoch_patches = ("epoch-spare-iterator",)  # run patches of every distributing strategy
+    batch_patches = ("unread-batch-logs",)  # and these too (not Default: plain Keras's own fit)
     exact_resume = True  # a fit's BackupAndRestore resumes exactly (implementation.resume)
     _seed_call = None  # (method, arguments) of the call `run` is in, for `call_seed`
     _call_seed = None
@@ -175,7 +176,7 @@ class Implementation(abc.ABC):
         self._seed_call, self._call_seed = (method, arguments), None
         try:
             arguments = self.prepare_call(model, method, arguments)
-            with patches.active(self.keras_patches + self.epoch_patches), \
+            with patches.active(self.keras_patches + self.epoch_patches + self.batch_patches), \
                     exact_backups(self, model, method, arguments):
                 if not attached:
                     self.attach(model)
@@ -199,6 +200,7 @@ class NoDistribution:
 
     keras_patches = ()
     epoch_patches = ()
+    batch_patches = ()
 
     def scope(self):
         return contextlib.nullcontext()

@@ -178,6 +178,8 @@ class ExactBackup(keras.callbacks.Callback):
         sigterm: a `preemption.SigtermFlag`, or `None`.
     """
 
+    batch_logs_unused = True  # its batch hooks get no logs (implementation.batch_hooks)
+
     def __init__(self, original, implementation, dataset=None, sigterm=None):
         super().__init__()
         self.backup_dir = os.fspath(original.backup_dir)
