@@ -34,15 +34,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")  # as run.py
 
-from workloads import OPTIMIZERS, build_keras, keras_optimizer, make_data, set_seed  # noqa: E402
+from workloads import add_one_process_arguments, compiled_keras, make_data  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--workload", default="mlp", choices=["mlp", "cnn", "bn_convnet"])
-parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
-parser.add_argument("--batch", type=int, default=256, help="global batch")
-parser.add_argument("--steps", type=int, default=200, help="steps per epoch")
-parser.add_argument("--epochs", type=int, default=2, help="epochs per fit call")
-parser.add_argument("--rounds", type=int, default=8, help="fit calls per method after the first")
+add_one_process_arguments(parser)
 parser.add_argument("--control", action="store_true",
                     help="A/A control: model A also runs plain fit (no distribution=), so the ratio shows what "
                          "the two models and their turns alone make of it")
@@ -106,11 +101,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def build():
-    set_seed(0)
-    model = build_keras(args.workload)
-    model.compile(optimizer=keras_optimizer(args.optimizer),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
+    return compiled_keras(args.workload, args.optimizer)
 
 
 models = {"B": build(), "A": build()} if args.swap else {"A": build(), "B": build()}

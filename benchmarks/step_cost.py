@@ -16,6 +16,9 @@ the first epoch of every run is left out. Methods:
                `fused_sgd.py`): what they buy (ask for it with --methods)
     ks_keras_loss  ks with Keras's own loss and loss-tracker calls instead of
                `fused_loss.py`: what it buys (ask for it with --methods)
+    ks_keras_batch_logs  ks with Keras's own per-batch callback hooks instead of
+               the `unread-batch-logs` patch (`implementation/batch_hooks.py`):
+               what it buys (ask for it with --methods)
     keras_fit  plain Keras fit, no distribution: Keras's own step
     keras_ddp  hand-written DDP loop over the same Keras model (Keras guide)
     torch_ddp  the same loop over the equivalent torch.nn model
@@ -108,8 +111,11 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self.begin)
 
 
-def keras_fit(distributed, bypass, unfused=False, keras_loss=False):
+def keras_fit(distributed, bypass, unfused=False, keras_loss=False, keras_batch_logs=False):
     functional.operation_fn = direct_operation_fn if bypass else keras_operation_fn
+    batch_patches = multi_worker.TorchMultiWorkerMirrored.batch_patches
+    if keras_batch_logs:
+        multi_worker.TorchMultiWorkerMirrored.batch_patches = ()
     supports = fused_adam.supports, fused_sgd.supports
     loss_paths = fused_loss.loss, fused_loss.track
     if unfused:
@@ -130,6 +136,7 @@ def keras_fit(distributed, bypass, unfused=False, keras_loss=False):
         functional.operation_fn = keras_operation_fn
         fused_adam.supports, fused_sgd.supports = supports
         fused_loss.loss, fused_loss.track = loss_paths
+        multi_worker.TorchMultiWorkerMirrored.batch_patches = batch_patches
 
 
 def ddp_loop(torch_model):
@@ -164,6 +171,7 @@ RUN = {
     "ks": lambda: keras_fit(True, False),
     "ks_unfused": lambda: keras_fit(True, False, unfused=True),
     "ks_keras_loss": lambda: keras_fit(True, False, keras_loss=True),
+    "ks_keras_batch_logs": lambda: keras_fit(True, False, keras_batch_logs=True),
     "keras_fit": lambda: keras_fit(False, False),
     "keras_ddp": lambda: ddp_loop(False),
     "torch_ddp": lambda: ddp_loop(True),

@@ -34,6 +34,31 @@ def keras_optimizer(name):
     return getattr(keras.optimizers, cls)(**kwargs)
 
 
+def compiled_keras(workload, optimizer):
+    """`build_keras(workload)` from seed 0, compiled as every measurement
+    compiles it (`optimizer` a name in `OPTIMIZERS`; sparse cross-entropy from
+    logits, no metrics): two calls give identical models."""
+    import keras
+
+    set_seed(0)
+    model = build_keras(workload)
+    model.compile(optimizer=keras_optimizer(optimizer),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def add_one_process_arguments(parser, optimizer="adam"):
+    """The options of the scripts that train two models in one process, in
+    turns (same_process.py, patch_ab.py): workload, optimizer, batch, steps,
+    epochs per fit, rounds."""
+    parser.add_argument("--workload", default="mlp", choices=list(WORKLOADS))
+    parser.add_argument("--optimizer", default=optimizer, choices=sorted(OPTIMIZERS))
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--steps", type=int, default=200, help="steps per epoch")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per fit call")
+    parser.add_argument("--rounds", type=int, default=8, help="fit calls per method after the first")
+
+
 def torch_optimizer(name, parameters):
     import torch
 

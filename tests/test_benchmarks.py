@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark harness (benchmarks/run.py) on the current backend,
-of benchmarks/step_cost.py on torch and of benchmarks/same_process.py on TensorFlow.
+of benchmarks/step_cost.py on torch, of benchmarks/same_process.py on TensorFlow, and of
+benchmarks/before_after.py and benchmarks/patch_ab.py on JAX.
 
 A few steps, the MLP, one strategy, 2 replicas, one A B round: the JSON must hold
 an A (keras_strategies) and a B (native) result with positive throughputs. It
@@ -259,3 +260,29 @@ def test_before_after_smoke(tmp_path):
     assert "turn 0 before" in report and "turn 0 after" in report and "after / before" in report, report
     trees = subprocess.run(["git", "-C", ROOT, "worktree", "list"], capture_output=True, text=True).stdout
     assert "ks-before-" not in trees, trees
+
+
+def test_patch_ab_smoke(tmp_path):
+    """benchmarks/patch_ab.py: one process, ours with a run patch (A) and with
+    it left out (B), in turns; what each run had applied is recorded, and a
+    patch that is not a run patch is refused."""
+    if BACKEND != "jax":
+        pytest.skip("one backend is enough: the script's logic is the same for each")
+    out = tmp_path / "patch-ab.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    script = os.path.join(ROOT, "benchmarks", "patch_ab.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--patch", "unread-batch-logs", "--steps", "4", "--batch", "64", "--epochs", "1",
+         "--rounds", "2", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    applied = result["patches_applied"]
+    assert "unread-batch-logs" in applied["A"] and "unread-batch-logs" not in applied["B"], applied
+    assert set(applied["A"]) - set(applied["B"]) == {"unread-batch-logs"}, applied
+    assert len(result["samples_per_s"]["A"]) == len(result["samples_per_s"]["B"]) == 2
+    assert result["median_with"] > 0 and result["median_without"] > 0
+    refused = subprocess.run([sys.executable, script, "--patch", "torch-ddp-step"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "not a run patch" in refused.stderr, refused.stderr[-2000:]
