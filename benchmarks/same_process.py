@@ -16,11 +16,9 @@ Python function calls of each per step and inside an epoch's clock, and on
 TensorFlow the operations of each model's traced training step by type (equal
 counts: the same graph runs each step); `--out` writes them as JSON.
 
-Only `Default` is offered. Two TensorFlow `MirroredStrategy` instances in one
-process share collective keys (backends/tensorflow/local.py), and JAX with two
-host devices aborted in most one-process runs of this VM, plain
-`keras.distribution.DataParallel` too ("Termination timeout for all reduce",
-docs/benchmarks/README.md).
+Only `Default` is offered: two TensorFlow `MirroredStrategy` instances in one
+process share collective keys (backends/tensorflow/local.py). One strategy
+with and without one of its patches, in one process: benchmarks/patch_ab.py.
 """
 
 import argparse

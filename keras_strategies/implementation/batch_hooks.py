@@ -16,8 +16,10 @@ The `unread-batch-logs` patch (`keras_strategies.patches`), active while a
 distributing strategy runs: a batch hook that no callback overrides is
 skipped, and one whose overriding callbacks all say they read no logs
 (`batch_logs_unused = True`, as ours do) gets none to convert (its
-callbacks get `{}`). Every callback
-that overrides a hook without saying so gets it exactly as from Keras.
+callbacks get `{}`). Every callback that overrides a hook without saying so
+gets it exactly as from Keras. Measured: JAX `Mirrored`, the benchmark MLP,
+1.07-1.08x with it, one process, in turns; elsewhere within 2%
+(docs/benchmarks/README.md).
 """
 
 from keras.src import utils
