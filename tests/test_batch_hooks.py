@@ -125,5 +125,11 @@ def test_which_callbacks_listen():
     assert not batch_hooks.listens(LegacyBatchEnd(), "on_test_batch_end")
     lam = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: None)
     assert batch_hooks.listens(lam, "on_train_batch_begin") and not batch_hooks.listens(lam, "on_train_batch_end")
+
+    class Duck:  # not a keras Callback: only the hook it implements
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    assert batch_hooks.listens(Duck(), "on_train_batch_end") and not batch_hooks.listens(Duck(), "on_test_batch_end")
     with pytest.raises(ValueError, match="not a CallbackList batch hook"):
         batch_hooks.logs_only_where_read(CallbackList.on_train_begin)

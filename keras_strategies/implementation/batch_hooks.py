@@ -47,7 +47,11 @@ def listens(callback, hook):
     Returns:
         `True` when calling the hook on `callback` can do anything.
     """
-    return any(not utils.is_default(getattr(callback, name)) for name in _CALLED[hook])
+    for name in _CALLED[hook]:
+        method = getattr(callback, name, None)  # a callback not derived from Callback may lack one
+        if method is not None and not utils.is_default(method):
+            return True
+    return False
 
 
 def logs_only_where_read(original):
