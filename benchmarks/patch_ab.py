@@ -20,7 +20,6 @@ left out this way; the strategy is one of the one-process ones.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, HERE)
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")  # as run.py
 
 from workloads import add_one_process_arguments, compiled_keras, make_data  # noqa: E402
+from run import machine, versions  # noqa: E402  (run.py's record of the machine and versions)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--patch", required=True, help="the run patch to leave out in B")
@@ -115,14 +115,6 @@ for r in range(args.rounds):
         print(f"round {r} {m}: " + " ".join(f"{v:.0f}" for v in got), flush=True)
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 a, b = statistics.median(epochs["A"]), statistics.median(epochs["B"])
 print(f"{BACKEND} {args.strategy} ({replicas} replicas) {args.workload} {args.optimizer}: with {args.patch} "
       f"{a:.0f}, without {b:.0f} samples/s (median of {len(epochs['A'])} epochs each): with / without "
@@ -131,6 +123,5 @@ if args.out:
     with open(args.out, "w") as f:
         json.dump(dict(backend=BACKEND, options=vars(args), samples_per_s=epochs, median_with=a, median_without=b,
                        ratio=a / b, patches_applied=applied, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       machine=dict(platform=platform.platform(), cpu=cpu_name(), cores=os.cpu_count()),
-                       versions={m: sys.modules[m].__version__ for m in ("keras", BACKEND) if m in sys.modules},
+                       machine=machine(), versions=versions(),
                        load_average=os.getloadavg()), f, indent=1)
