@@ -165,6 +165,9 @@ PATCHES = (
           "workers an all-reduce each); one reduction reads them all."),
     Patch("tf-synchronized-batchnorm", ("BatchNormalization.synchronized",), "", "model", _TF,
           "MirroredStrategy replicas' BatchNormalization statistics drift apart; use the global batch."),
+    Patch("tf-one-allreduce-moments", ("BatchNormalization._moments",), "", "model", _TF,
+          "Synchronized BatchNormalization all-reduces its sum, sum of squares and count one by one, and "
+          "counts by summing ones as large as its input; one all-reduce, the count from the shape."),
     Patch("tf-strategy-attributes",
           ("Model._distribute_strategy", "Model._jit_compile", "Optimizer._distribution_strategy"),
           "", "model", _TF, "A model built outside the scope runs under the strategy for one call."),

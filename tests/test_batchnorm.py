@@ -80,3 +80,68 @@ def test_tensorflow_moving_statistics_update_per_replica_during_a_run_only(repli
     assert len(copies) == len(replica_devices)
     for copy in copies[1:]:
         np.testing.assert_array_equal(copy, copies[0])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow only: Keras's synchronized BatchNormalization is TensorFlow's")
+def test_tensorflow_batchnorm_statistics_take_one_all_reduce_a_layer(replica_devices, monkeypatch):
+    """Keras's synchronized moments all-reduce the sum, the sum of squares and
+    the count (a sum of ones as large as the input) one by one; under our
+    strategies one all-reduce carries all three (`tf-one-allreduce-moments`),
+    and the training still equals one device (the test above)."""
+    import tensorflow as tf
+
+    reduced = []
+    original = tf.distribute.ReplicaContext.all_reduce
+
+    def recording(self, reduce_op, value, options=None):
+        reduced.append([tuple(v.shape) for v in tf.nest.flatten(value)])
+        return original(self, reduce_op, value, options=options)
+
+    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_reduce", recording)
+    x, y = make_data(n=64)
+    for kind in ("functional", "convnet"):
+        reduced.clear()
+        model = build(kind, initial_weights(kind, batch_norm=True), batch_norm=True)
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                  distribution=ks.Mirrored(devices=replica_devices))
+        norms = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+        assert norms
+        for norm in norms:
+            channels = norm.moving_mean.shape[0]
+            packed = [shapes for shapes in reduced if shapes == [(2 * channels + 1,)]]
+            keras_own = [shapes for shapes in reduced
+                         if len(shapes) == 1 and len(shapes[0]) > 1 and shapes[0][-1] == channels
+                         and all(d == 1 for d in shapes[0][:-1])]
+            assert packed, (kind, reduced)
+            assert not keras_own, (kind, keras_own)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow only: Keras's synchronized BatchNormalization is TensorFlow's")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_tensorflow_one_all_reduce_moments_equal_keras_synchronized_moments(replica_devices, dtype):
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import nn as tf_nn
+
+    from keras_strategies.backends.tensorflow.keras_fixes import one_allreduce_moments
+
+    norm = keras.layers.BatchNormalization(synchronized=True, dtype=dtype)
+    norm.build((None, 3, 3, 4))
+    ours = one_allreduce_moments(norm)
+    with ks.Mirrored(devices=replica_devices).scope():  # its tf.distribute strategy (a second one in this
+        strategy = tf.distribute.get_strategy()  # process could reuse the first one's collective keys)
+    rng = np.random.default_rng(0)
+    parts = [tf.constant(rng.normal(2.0, 3.0, (5 + i, 3, 3, 4)).astype(dtype)) for i in range(len(replica_devices))]
+
+    def per_replica(context):
+        return parts[context.replica_id_in_sync_group]
+
+    inputs = strategy.experimental_distribute_values_from_function(per_replica)
+    got = strategy.run(tf.function(lambda v: ours(v, None)), args=(inputs,))
+    want = strategy.run(tf.function(lambda v: tf_nn.moments(v, [0, 1, 2], synchronized=True)), args=(inputs,))
+    whole = np.concatenate([p.numpy().astype("float64") for p in parts])
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    for g, w, exact in zip(got, want, (whole.mean(axis=(0, 1, 2)), whole.var(axis=(0, 1, 2)))):
+        for replica_g, replica_w in zip(strategy.experimental_local_results(g), strategy.experimental_local_results(w)):
+            assert replica_g.dtype == replica_w.dtype == tf.as_dtype(dtype)
+            np.testing.assert_allclose(replica_g.numpy(), replica_w.numpy(), rtol=tolerance, atol=tolerance)
+            np.testing.assert_allclose(replica_g.numpy(), exact, rtol=tolerance, atol=tolerance)

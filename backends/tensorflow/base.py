@@ -27,6 +27,7 @@ from keras_strategies.backends.tensorflow.keras_fixes import (
     local_value,
     metrics_read_together,
     multi_step_function,
+    one_allreduce_moments,
     replica_local_optimizer,
     share_weighted_train_step,
 )
@@ -206,6 +207,10 @@ def global_batch_training(model, num_replicas, owner):
     with contextlib.ExitStack() as stack:
         for layer in norms:
             stack.enter_context(overriding(layer, "synchronized", True, "tf-synchronized-batchnorm"))
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, BatchNormalization):
+                stack.enter_context(overriding(layer, "_moments", one_allreduce_moments(layer),
+                                               "tf-one-allreduce-moments"))
         stack.enter_context(replica_local_statistics(model))
         stack.enter_context(overriding(
             model, "train_step", share_weighted_train_step(model.train_step, _folds_count(model)),

@@ -470,3 +470,43 @@ def local_value(value):
     if isinstance(value, tf.distribute.DistributedValues):
         return value.values[0]
     return value
+
+
+# -- tf-one-allreduce-moments -------------------------------------------------
+def one_allreduce_moments(layer):
+    """`layer._moments` for a synchronized BatchNormalization: the global
+    batch's mean and variance from one all-reduce a call instead of three.
+
+    Keras's synchronized moments (`backend.tensorflow.nn._compute_moments_sync`)
+    all-reduce the sum, the sum of squares and a count, each on its own, and
+    count by summing a tensor of ones as large as the input. Here the count
+    comes from the input's shape, and the three ride in one tensor; the
+    formula is Keras's (`E[x^2] - E[x]^2`, clipped at 0), float16 and bfloat16
+    inputs computed in float32 as Keras does. Outside a replica context, or
+    with a mask, Keras's own method runs."""
+    original = layer._moments
+
+    def moments(inputs, mask):
+        context = tf.distribute.get_replica_context()
+        if mask is not None or context is None or not layer.synchronized:
+            return original(inputs, mask)
+        axes = list(layer._reduction_axes)
+        x = tf.convert_to_tensor(inputs)
+        dtype = x.dtype
+        if dtype in (tf.float16, tf.bfloat16):
+            x = tf.cast(x, tf.float32)
+        total = tf.reduce_sum(x, axis=axes)
+        squares = tf.reduce_sum(tf.square(x), axis=axes)
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
+        size = tf.size(total)
+        packed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                    tf.concat([total, squares, tf.reshape(count, [1])], axis=0))
+        count = packed[2 * size]
+        mean = tf.math.divide_no_nan(packed[:size], count)
+        variance = tf.maximum(tf.math.divide_no_nan(packed[size:2 * size], count) - tf.square(mean), 0.0)
+        if dtype in (tf.float16, tf.bfloat16):
+            mean = tf.cast(tf.clip_by_value(mean, dtype.min, dtype.max), dtype)
+            variance = tf.cast(tf.clip_by_value(variance, dtype.min, dtype.max), dtype)
+        return mean, variance
+
+    return moments
