@@ -145,3 +145,24 @@ def test_tensorflow_one_all_reduce_moments_equal_keras_synchronized_moments(repl
             assert replica_g.dtype == replica_w.dtype == tf.as_dtype(dtype)
             np.testing.assert_allclose(replica_g.numpy(), replica_w.numpy(), rtol=tolerance, atol=tolerance)
             np.testing.assert_allclose(replica_g.numpy(), exact, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow only: Keras's synchronized BatchNormalization is TensorFlow's")
+def test_tensorflow_batchnorm_subclass_keeps_its_own_moments(replica_devices):
+    """A BatchNormalization subclass with its own `_moments` keeps it under our
+    strategies: only Keras's own method is replaced by the one-all-reduce one."""
+    calls = []
+
+    class Recorded(keras.layers.BatchNormalization):
+        def _moments(self, inputs, mask):
+            calls.append(self.synchronized)
+            return super()._moments(inputs, mask)
+
+    x, y = make_data(n=64)
+    inputs = keras.Input((x.shape[1],))
+    hidden = Recorded()(keras.layers.Dense(8, activation="relu")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(int(y.max()) + 1, activation="softmax")(hidden))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              distribution=ks.Mirrored(devices=replica_devices))
+    assert calls and all(calls), calls  # traced in each replica, synchronized (global statistics)

@@ -208,7 +208,8 @@ def global_batch_training(model, num_replicas, owner):
         for layer in norms:
             stack.enter_context(overriding(layer, "synchronized", True, "tf-synchronized-batchnorm"))
         for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, BatchNormalization):
+            # Keras's own moments only: a subclass's own `_moments` is kept
+            if isinstance(layer, BatchNormalization) and type(layer)._moments is BatchNormalization._moments:
                 stack.enter_context(overriding(layer, "_moments", one_allreduce_moments(layer),
                                                "tf-one-allreduce-moments"))
         stack.enter_context(replica_local_statistics(model))
