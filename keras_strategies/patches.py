@@ -176,6 +176,9 @@ PATCHES = (
     Patch("jax-bounded-steps", ("Model._make_function",), "", "model", _JAX,
           "On host devices a fit dispatches steps without reading them until XLA's CPU client's queue of 32 "
           "per device is full; its next launch then waits on a thread the all-reduce needs, and XLA aborts."),
+    Patch("jax-one-pass-moments", ("BatchNormalization._moments",), "", "model", _JAX,
+          "Over a batch split across devices, Keras's mean-then-variance makes XLA all-reduce twice forward and "
+          "twice backward a layer, one after the other; one pass (shifted by the moving mean): once each way."),
     Patch("jax-gathered-predict", ("Model.make_predict_function",), "", "model", _JAX,
           "Multi-process predict: each device computes its slice, and the outputs are gathered to every "
           "process (Keras's numpy conversion needs them whole); before, every device computed everything."),

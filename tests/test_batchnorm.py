@@ -147,10 +147,11 @@ def test_tensorflow_one_all_reduce_moments_equal_keras_synchronized_moments(repl
             np.testing.assert_allclose(replica_g.numpy(), exact, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow only: Keras's synchronized BatchNormalization is TensorFlow's")
-def test_tensorflow_batchnorm_subclass_keeps_its_own_moments(replica_devices):
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="TensorFlow and JAX: PyTorch's BatchNormalization is test_torch_batchnorm.py's")
+def test_batchnorm_subclass_keeps_its_own_moments(replica_devices):
     """A BatchNormalization subclass with its own `_moments` keeps it under our
-    strategies: only Keras's own method is replaced by the one-all-reduce one."""
+    strategies: only Keras's own method is replaced (by the one-all-reduce one
+    on TensorFlow, the one-pass one on JAX)."""
     calls = []
 
     class Recorded(keras.layers.BatchNormalization):
@@ -165,4 +166,109 @@ def test_tensorflow_batchnorm_subclass_keeps_its_own_moments(replica_devices):
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
               distribution=ks.Mirrored(devices=replica_devices))
-    assert calls and all(calls), calls  # traced in each replica, synchronized (global statistics)
+    assert calls, calls  # traced in the step: the subclass's own method ran
+    if keras.backend.backend() == "tensorflow":
+        assert all(calls), calls  # in each replica, synchronized (global statistics)
+
+
+def _all_reduces(compiled_text):
+    """The all-reduce instructions of an XLA program (one per collective,
+    however many arrays XLA combined into it)."""
+    import re
+
+    return len(re.findall(r"= (?:\S+|\([^)]*\)) all-reduce\(", compiled_text))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX only: TensorFlow's is tested above, PyTorch's in test_torch_batchnorm.py")
+@pytest.mark.parametrize("kind", ["functional", "convnet"])
+def test_jax_batchnorm_statistics_take_one_all_reduce_each_way(kind, replica_devices):
+    """Over a batch split across devices, Keras's JAX moments (`jnp.mean`, then
+    `jnp.var`) make XLA all-reduce twice in the forward pass and twice more in
+    the backward pass, one after the other; the one-pass moments
+    (`jax-one-pass-moments`) once each way. Counted in the compiled programs
+    of a forward pass and of a gradient over 2 devices."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from keras_strategies.backends.jax.base import global_moments_in_one_pass
+
+    mesh = Mesh(jax.devices()[:len(replica_devices)], ("batch",))
+    x, _ = make_data(n=64)
+    counts = {}
+    for replicas in (1, len(replica_devices)):  # 1: Keras's own moments
+        model = build(kind, initial_weights(kind, batch_norm=True), batch_norm=True)
+        state = [[jax.device_put(v.value, NamedSharding(mesh, PartitionSpec())) for v in variables]
+                 for variables in (model.trainable_variables, model.non_trainable_variables)]
+        batch = jax.device_put(x[:BATCH], NamedSharding(mesh, PartitionSpec("batch")))
+
+        def forward(trainable, non_trainable, inputs):
+            return model.stateless_call(trainable, non_trainable, inputs, training=True)[0]
+
+        def loss(trainable, non_trainable, inputs):
+            return jnp.sum(forward(trainable, non_trainable, inputs) ** 2)
+
+        with global_moments_in_one_pass(model, replicas):
+            counts[replicas] = tuple(_all_reduces(jax.jit(f).lower(*state, batch).compile().as_text())
+                                     for f in (forward, jax.grad(loss)))
+    keras_own, ours = counts[1], counts[len(replica_devices)]
+    assert keras_own[0] == 2 and ours[0] == 1, counts  # forward: mean, then variance -> both at once
+    assert ours[1] <= keras_own[1] - 2, counts  # and one fewer each way in the gradient's program
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX only")
+def test_jax_one_pass_moments_only_where_the_batch_is_split(replica_devices, monkeypatch):
+    """Under Mirrored over 2 devices every BatchNormalization's statistics come
+    from the one-pass moments (the equivalence test above trains with them);
+    over one device and under Default, from Keras's own formula, as on one
+    device."""
+    from keras_strategies.backends.jax import base
+
+    made = []
+    original = base.one_pass_moments
+
+    def recording(layer):
+        made.append(layer.name)
+        return original(layer)
+
+    monkeypatch.setattr(base, "one_pass_moments", recording)
+    x, y = make_data(n=64)
+    for strategy, expected in ((ks.Mirrored(devices=replica_devices), True),
+                               (ks.Mirrored(devices=replica_devices[:1]), False), (ks.Default(), False)):
+        made.clear()
+        model = build("convnet", initial_weights("convnet", batch_norm=True), batch_norm=True)
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, distribution=strategy)
+        norms = [l.name for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+        assert sorted(made) == (sorted(norms) if expected else []), (strategy, made)
+        assert all("_moments" not in l.__dict__ for l in model._flatten_layers())  # restored after the run
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX only")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_jax_one_pass_moments_equal_exact_moments(dtype):
+    """The one-pass moments equal Keras's own and the exact (float64) ones; with
+    the moving mean near the data's mean (the shift), also for data whose mean
+    is large against its spread, where the unshifted one-pass formula loses the
+    variance to cancellation."""
+    import jax.numpy as jnp
+
+    from keras_strategies.backends.jax.keras_fixes import one_pass_moments
+
+    norm = keras.layers.BatchNormalization(dtype=dtype)
+    norm.build((None, 3, 3, 4))
+    ours = one_pass_moments(norm)
+    rng = np.random.default_rng(0)
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    x = rng.normal(2.0, 3.0, (12, 3, 3, 4)).astype(dtype)
+    mean, variance = ours(jnp.asarray(x), None)
+    want = keras.ops.moments(jnp.asarray(x), axes=[0, 1, 2])
+    exact = x.astype("float64").mean(axis=(0, 1, 2)), x.astype("float64").var(axis=(0, 1, 2))
+    for got, keras_own, truth in zip((mean, variance), want, exact):
+        assert got.dtype == keras_own.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(keras_own), rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(np.asarray(got), truth, rtol=tolerance, atol=tolerance)
+    if dtype == "float32":
+        far = rng.normal(1000.0, 1.0, (12, 3, 3, 4)).astype(dtype)
+        norm.moving_mean.assign(np.full(4, 999.5, dtype="float32"))
+        _, variance = ours(jnp.asarray(far), None)
+        np.testing.assert_allclose(np.asarray(variance), far.astype("float64").var(axis=(0, 1, 2)), rtol=1e-3)

@@ -15,7 +15,7 @@ import contextlib
 import jax
 import keras
 
-from keras_strategies.backends.jax.keras_fixes import bounded_steps, unaliased_ema
+from keras_strategies.backends.jax.keras_fixes import bounded_steps, one_pass_moments, unaliased_ema
 from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
@@ -58,6 +58,30 @@ def steps_in_flight_bounded(model, devices):
     if len(devices) < 2 or any(parse_device(device)[0] != "cpu" for device in devices):
         return contextlib.nullcontext()
     return overriding(model, "_make_function", bounded_steps(model._make_function), "jax-bounded-steps")
+
+
+@contextlib.contextmanager
+def global_moments_in_one_pass(model, replicas):
+    """While entered, each BatchNormalization of `model` that keeps Keras's own
+    `_moments` computes the global batch's statistics in one pass
+    (`keras_fixes.one_pass_moments`, patch `jax-one-pass-moments`), when the
+    batch is split over `replicas` >= 2 devices; at one replica the model
+    runs Keras's own formula, as on one device.
+
+    Args:
+        model: the model of the run.
+        replicas: the devices each global batch is split over.
+    """
+    from keras.src.layers.normalization.batch_normalization import BatchNormalization
+
+    with contextlib.ExitStack() as stack:
+        if replicas >= 2:
+            for layer in model._flatten_layers():
+                # a subclass's own `_moments` is its own business: kept
+                if isinstance(layer, BatchNormalization) and type(layer)._moments is BatchNormalization._moments:
+                    stack.enter_context(overriding(layer, "_moments", one_pass_moments(layer),
+                                                   "jax-one-pass-moments"))
+        yield
 
 
 def accelerators():
@@ -145,5 +169,6 @@ class JaxImplementation(Implementation):
             return result
 
         with overriding(model, "_symbolic_build", symbolic_build, "jax-late-layout"), self.scope(), \
-                unaliased_ema(model), steps_in_flight_bounded(model, self.devices):
+                unaliased_ema(model), steps_in_flight_bounded(model, self.devices), \
+                global_moments_in_one_pass(model, self.num_replicas_in_sync):
             yield

@@ -27,7 +27,12 @@ import jax.numpy as jnp
 import keras
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from keras_strategies.backends.jax.base import JaxImplementation, accelerators, steps_in_flight_bounded
+from keras_strategies.backends.jax.base import (
+    JaxImplementation,
+    accelerators,
+    global_moments_in_one_pass,
+    steps_in_flight_bounded,
+)
 from keras_strategies.backends.jax.keras_fixes import unaliased_ema
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.model_state import reset_compiled_functions, state_variables
@@ -99,6 +104,7 @@ class JaxCentralStorage(JaxImplementation):
                 stack.enter_context(self.scope())
                 stack.enter_context(unaliased_ema(model))
                 stack.enter_context(steps_in_flight_bounded(model, self.devices))
+                stack.enter_context(global_moments_in_one_pass(model, self.num_replicas_in_sync))
                 yield
         finally:
             reset_compiled_functions(model)

@@ -8,6 +8,7 @@ import collections
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from keras.src.distribution import TensorLayout, distribution_lib
@@ -184,3 +185,57 @@ def bounded_steps(make_function, depth=STEPS_IN_FLIGHT):
         return make_function(step, concatenate_outputs=concatenate_outputs)
 
     return _make_function
+
+
+# -- jax-one-pass-moments -------------------------------------------------------
+def one_pass_moments(layer):
+    """`layer._moments` for a BatchNormalization whose batch is split over
+    devices: the global batch's mean and variance from one cross-device sum
+    forward and one backward, instead of two each.
+
+    Keras's JAX moments are `jnp.mean` then `jnp.var`: over a sharded batch
+    XLA all-reduces the mean, then the squared deviations from it, one after
+    the other, and the backward pass does the same again (the variance's own
+    path through the mean). Here both sums are taken from the same input in
+    one pass, `E[d]` and `E[d^2]` of `d = x - K`, so XLA combines them into
+    one all-reduce, and the variance is `E[d^2] - E[d]^2` (clipped at 0).
+    The shift `K` is the layer's moving mean (no gradient; identical on every
+    device), so the difference of squares stays well-conditioned once the
+    moving mean follows the data: the one-pass formula that Flax's
+    `BatchNorm` and Keras's synchronized TensorFlow statistics use, minus
+    their cancellation when the mean is large against the spread. float16
+    and bfloat16 inputs are computed in float32, as Keras does. With a mask,
+    Keras's own method runs.
+
+    Args:
+        layer: a `keras.layers.BatchNormalization`.
+
+    Returns:
+        The replacement of `layer._moments`: `(inputs, mask) -> (mean, variance)`.
+    """
+    original = layer._moments
+
+    def moments(inputs, mask):
+        if mask is not None:
+            return original(inputs, mask)
+        axes = tuple(layer._reduction_axes)
+        x = jnp.asarray(inputs)
+        dtype = x.dtype
+        if dtype in (jnp.float16, jnp.bfloat16):
+            x = x.astype(jnp.float32)
+        shift = jax.lax.stop_gradient(jnp.asarray(layer.moving_mean.value, x.dtype))
+        shape = [1] * x.ndim
+        for axis in range(x.ndim):
+            if axis not in axes:
+                shape[axis] = x.shape[axis]
+        d = x - shift.reshape(shape)
+        mean_d = jnp.mean(d, axes)
+        mean = shift + mean_d
+        variance = jnp.maximum(jnp.mean(jnp.square(d), axes) - jnp.square(mean_d), 0.0)
+        if dtype in (jnp.float16, jnp.bfloat16):
+            limit = jnp.finfo(dtype)
+            mean = jnp.clip(mean, limit.min, limit.max).astype(dtype)
+            variance = jnp.clip(variance, limit.min, limit.max).astype(dtype)
+        return mean, variance
+
+    return moments
