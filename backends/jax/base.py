@@ -20,6 +20,7 @@ from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.model_state import (
+    batch_norms_with_keras_moments,
     restore_compiled_functions,
     stash_compiled_functions,
     state_variables,
@@ -72,15 +73,10 @@ def global_moments_in_one_pass(model, replicas):
         model: the model of the run.
         replicas: the devices each global batch is split over.
     """
-    from keras.src.layers.normalization.batch_normalization import BatchNormalization
-
     with contextlib.ExitStack() as stack:
         if replicas >= 2:
-            for layer in model._flatten_layers():
-                # a subclass's own `_moments` is its own business: kept
-                if isinstance(layer, BatchNormalization) and type(layer)._moments is BatchNormalization._moments:
-                    stack.enter_context(overriding(layer, "_moments", one_pass_moments(layer),
-                                                   "jax-one-pass-moments"))
+            for layer in batch_norms_with_keras_moments(model):
+                stack.enter_context(overriding(layer, "_moments", one_pass_moments(layer), "jax-one-pass-moments"))
         yield
 
 

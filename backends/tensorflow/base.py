@@ -35,6 +35,7 @@ from keras_strategies.devices import parse_device
 from keras_strategies.errors import StrategyError
 from keras_strategies.implementation.base import Implementation
 from keras_strategies.implementation.model_state import (
+    batch_norms_with_keras_moments,
     reset_compiled_functions,
     restore_compiled_functions,
     stash_compiled_functions,
@@ -207,11 +208,9 @@ def global_batch_training(model, num_replicas, owner):
     with contextlib.ExitStack() as stack:
         for layer in norms:
             stack.enter_context(overriding(layer, "synchronized", True, "tf-synchronized-batchnorm"))
-        for layer in model._flatten_layers(include_self=False):
-            # Keras's own moments only: a subclass's own `_moments` is kept
-            if isinstance(layer, BatchNormalization) and type(layer)._moments is BatchNormalization._moments:
-                stack.enter_context(overriding(layer, "_moments", one_allreduce_moments(layer),
-                                               "tf-one-allreduce-moments"))
+        for layer in batch_norms_with_keras_moments(model):
+            stack.enter_context(overriding(layer, "_moments", one_allreduce_moments(layer),
+                                           "tf-one-allreduce-moments"))
         stack.enter_context(replica_local_statistics(model))
         stack.enter_context(overriding(
             model, "train_step", share_weighted_train_step(model.train_step, _folds_count(model)),

@@ -25,6 +25,23 @@ def state_variables(model):
     return found
 
 
+def batch_norms_with_keras_moments(model):
+    """The BatchNormalization layers of `model` whose class keeps Keras's own
+    `_moments`: those a strategy may give other (equal) statistics. A
+    subclass with its own `_moments` is its author's business: left out.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        A list of `keras.layers.BatchNormalization` layers.
+    """
+    from keras.src.layers.normalization.batch_normalization import BatchNormalization
+
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, BatchNormalization) and type(layer)._moments is BatchNormalization._moments]
+
+
 def reset_compiled_functions(model):
     """Drops the model's traced/jitted step functions so they are built anew."""
     model.train_function = None
