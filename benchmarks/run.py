@@ -169,8 +169,22 @@ def applies(method, workload, replicas):
     return method != "native_sync_bn" or workload == "bn_convnet"
 
 
-def run_env(backend, threads, device="cpu"):
-    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
+# --host-memory: "keep" gives every run, the native ways too, from its start, the
+# glibc settings that `import keras_strategies` makes on JAX and PyTorch CPU
+# installs (keras_strategies/implementation/host_memory.py); "release" leaves
+# every run, ours too, glibc's defaults (ours as before that module).
+HOST_MEMORY = {
+    "default": {},
+    "keep": {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824",
+             "KERAS_STRATEGIES_KEEP_HOST_MEMORY": "1"},
+    "release": {"KERAS_STRATEGIES_KEEP_HOST_MEMORY": "0"},
+}
+
+
+def run_env(backend, threads, device="cpu", host_memory="default"):
+    env = {k: v for k, v in os.environ.items()
+           if k not in CLUSTER_VARIABLES and (host_memory == "default" or k not in HOST_MEMORY["keep"])}
+    env.update(HOST_MEMORY[host_memory])
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run stays on the CPU on a machine with GPUs too
     env.update(
@@ -232,7 +246,7 @@ def measure(backend, strategy, method, workload, replicas, args, tmp):
         command = [sys.executable, "-m", "keras_strategies.launch", "--nproc-per-node", str(processes),
                    *(["--num-ps", "1"] if servers else []), "--timeout", str(args.timeout), *worker[1:]]
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env=run_env(backend, threads, args.device), cwd=ROOT, text=True,
+    proc = subprocess.Popen(command, env=run_env(backend, threads, args.device, args.host_memory), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=args.timeout + 30)
@@ -442,6 +456,11 @@ def _parser():
     parser.add_argument("--steps-per-execution", type=int, default=1,
                         help="compile(steps_per_execution=N) for every Keras fit (native tf.distribute fails N > 1 "
                              "with several replicas: the run shows it)")
+    parser.add_argument("--host-memory", default="default", choices=sorted(HOST_MEMORY),
+                        help="default: as a user gets it (ours keeps host memory mapped between steps on JAX and "
+                             "PyTorch CPU installs, keras_strategies/implementation/host_memory.py; native ways have "
+                             "glibc's defaults). keep: every run, native too, keeps it from its start "
+                             "(GLIBC_TUNABLES). release: no run keeps it, ours included")
     parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS),
                         help="the Keras optimizer of every fit, and its torch.optim twin in the DDP loops "
                              "(benchmarks/workloads.py OPTIMIZERS); parameter_server runs apply it on the servers")
@@ -541,7 +560,7 @@ def _write(data, args, runs):
 # what the runs of a resumed run must share with the interrupted one's
 RESUME_OPTIONS = ("quick", "device", "backends", "strategies", "workloads", "methods", "replicas", "repeats", "epochs",
                   "warmup_epochs", "steps",
-                  "batch", "steps_per_execution", "optimizer", "validation_batches")
+                  "batch", "steps_per_execution", "optimizer", "validation_batches", "host_memory")
 
 
 def _options(args):
@@ -604,7 +623,8 @@ def main(argv=None):
                     warmup_epochs=args.warmup_epochs,
                     device=args.device, steps_per_epoch=args.steps, steps_per_execution=args.steps_per_execution, global_batch=args.batch,
                     optimizer=describe_optimizer(args.optimizer),
-                    shuffle=False, metrics=None, validation_batches=args.validation_batches, threads=THREADS),
+                    shuffle=False, metrics=None, validation_batches=args.validation_batches, threads=THREADS,
+                    host_memory=args.host_memory),
     )
     partial = args.out + ".partial"
     runs, done = _resume(meta, partial, now) if args.resume else ([], set())

@@ -35,7 +35,7 @@ def _only_launching():
 def _load():
     import keras
 
-    from keras_strategies import patches, plugin
+    from keras_strategies import loader, patches, plugin
     from keras_strategies.auto import auto
     from keras_strategies.cluster import ClusterError, ClusterSpec, resolve_cluster
     from keras_strategies.errors import (
@@ -61,6 +61,7 @@ def _load():
 
     globals().update({name: value for name, value in locals().items() if name in __all__})
     patches.check_keras_version(keras.__version__)
+    loader.keep_host_memory()  # before the engine's threads allocate (implementation/host_memory.py)
     plugin.install()
 
 

@@ -69,3 +69,23 @@ def local_accelerators():
     if name not in SUPPORTED_BACKENDS:
         return []
     return importlib.import_module(f"keras_strategies.backends.{name}.base").accelerators()
+
+
+def keep_host_memory():
+    """Keeps host memory mapped between training steps when the active backend
+    computes on this machine's CPU (`implementation.host_memory`; each backend
+    tells: `keras_strategies.backends.<backend>.base.computes_on_host`).
+    Called once, when `keras_strategies` is imported.
+
+    Returns:
+        Whether glibc's malloc settings were changed.
+    """
+    from keras_strategies.implementation import host_memory
+
+    def computes_on_host():
+        name = backend_name()
+        if name not in SUPPORTED_BACKENDS:
+            return False
+        return importlib.import_module(f"keras_strategies.backends.{name}.base").computes_on_host()
+
+    return host_memory.keep(computes_on_host)

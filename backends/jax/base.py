@@ -11,6 +11,8 @@
 """
 
 import contextlib
+import importlib.metadata
+import importlib.util
 
 import jax
 import keras
@@ -78,6 +80,21 @@ def global_moments_in_one_pass(model, replicas):
             for layer in batch_norms_with_keras_moments(model):
                 stack.enter_context(overriding(layer, "_moments", one_pass_moments(layer), "jax-one-pass-moments"))
         yield
+
+
+def computes_on_host():
+    """Whether JAX will compute on this machine's CPU, told without starting
+    it: `JAX_PLATFORMS` names only `cpu`, or, unset, no GPU or TPU plugin is
+    installed (`jax_plugins`, `libtpu`). For
+    `keras_strategies.implementation.host_memory`: each jitted step's
+    temporaries are one buffer XLA allocates anew every step.
+    """
+    platforms = [p.strip() for p in (jax.config.jax_platforms or "").split(",") if p.strip()]
+    if platforms:
+        return set(platforms) <= {"cpu"}
+    if importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("libtpu") is not None:
+        return False
+    return not importlib.metadata.entry_points(group="jax_plugins")
 
 
 def accelerators():

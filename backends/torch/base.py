@@ -45,6 +45,14 @@ def host_tensor(array):
     return array
 
 
+def computes_on_host():
+    """Whether PyTorch computes on this machine's CPU: no CUDA device, and no
+    `torch_xla` installed. For `keras_strategies.implementation.host_memory`
+    (activations freed and allocated again each step). Initialises no CUDA.
+    """
+    return torch.cuda.device_count() == 0 and importlib.util.find_spec("torch_xla") is None
+
+
 def accelerators():
     """This machine's GPUs, else its TPU cores, as Keras names (`"gpu:1"`,
     `"tpu:0"`); `[]` when it has neither. For `keras_strategies.auto()`.
