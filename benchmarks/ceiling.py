@@ -24,7 +24,10 @@ its epochs (above 1: one replica alone already keeps more than a core busy).
 `--method torch_ddp` or `keras_ddp` (torch) runs run.py's hand-written DDP
 loops instead, each process a DDP job of its own (no all-reduce with the
 other): the same loops at 2 processes in run.py then show what their
-communication and lockstep cost.
+communication and lockstep cost. `--method ks` runs ours the same way
+(`fit(distribution=MultiWorkerMirrored())`, each process a job of one: the
+step run.py's one-replica figure measures, with everything ours changes in
+a process, such as the host memory it keeps).
 Writes OUT (JSON) and OUT's .md (the table), and prints the table.
 """
 
@@ -41,7 +44,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from run import ROOT, WORKER, machine, median, run_env, versions  # noqa: E402
+from run import HOST_MEMORY, ROOT, WORKER, machine, median, run_env, versions  # noqa: E402
 from workloads import OPTIMIZERS  # noqa: E402
 
 WAYS = ("alone", "alone_half", "pair")
@@ -57,10 +60,13 @@ def parse(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256, help="global batch (each of the pair runs half)")
     parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
-    parser.add_argument("--method", default="native", choices=["native", "torch_ddp", "keras_ddp"],
-                        help="native: plain Keras fit; torch: the DDP loops of run.py, each process a job of one")
+    parser.add_argument("--method", default="native", choices=["native", "ks", "torch_ddp", "torch_ddp_tensors", "keras_ddp"],
+                        help="native: plain Keras fit; ks: ours, fit(distribution=MultiWorkerMirrored()), each "
+                             "process a job of one; torch: the DDP loops of run.py, each process a job of one")
     parser.add_argument("--pin", choices=["auto", "0", "1"], default="auto",
                         help="pin the pair to a core each: auto = as run.py (torch only)")
+    parser.add_argument("--host-memory", default="default", choices=sorted(HOST_MEMORY),
+                        help="as run.py's: keep = every process keeps its host memory mapped between steps")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per process")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "ceiling.json"))
     return parser.parse_args(argv)
@@ -76,12 +82,12 @@ def free_port():
 
 
 def start(backend, batch, args, out, barrier=None, core=None):
-    env = run_env(backend, 1)
+    env = run_env(backend, 1, host_memory=args.host_memory)
     env["KS_BENCH_PIN"] = "0"  # pinning, where asked, is done here (worker.py pins ranks of one job)
     if barrier:
         env["KS_BENCH_BARRIER"] = barrier
     strategy = "default"
-    if args.method != "native":  # a DDP loop: each process its own one-process job
+    if args.method != "native":  # ours or a DDP loop: each process its own one-process job
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         strategy = "multi_worker"
     command = [sys.executable, WORKER, "--method", args.method, "--strategy", strategy, "--replicas", "1",
@@ -190,7 +196,7 @@ def markdown(data):
     return (f"Run {data['date']} on {data['machine']['cpu']} ({data['machine']['cores']} cores), {data['seconds']} s. "
             f"Method `{o['method']}`, pin `{o['pin']}`, {o['rounds']} rounds, {o['steps']} steps an epoch, "
             f"{o['epochs']} epochs a run (the first {o['warmup_epochs']} left out), global batch {o['batch']}, "
-            f"{o['optimizer']}. Versions: {data['versions']}. Samples/s, medians (benchmarks/ceiling.py).\n\n"
+            f"{o['optimizer']}, host memory `{o.get('host_memory', 'default')}`. Versions: {data['versions']}. Samples/s, medians (benchmarks/ceiling.py).\n\n"
             f"{table(data)}\n")
 
 

@@ -57,15 +57,16 @@ CASES = {
                                              "ks_metric_reads", "ks_global_batches"]),
     ("jax", "mirrored"): (True, ["ks", "native"]),
     ("jax", "multi_worker"): (False, ["ks", "native"]),
-    ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit", "ks_keras_loss"]),
+    ("torch", "multi_worker"): (False, ["ks", "keras_ddp", "torch_ddp", "keras_fit", "ks_keras_loss",
+                                        "torch_ddp_tensors"]),
     # replicas = workers; each run also has a chief and one parameter server
     ("tensorflow", "parameter_server"): (False, ["ks", "native", "native_tape"]),
     ("jax", "parameter_server"): (False, ["ks"]),
     ("torch", "parameter_server"): (False, ["ks"]),
 }
 
-ON_REQUEST = {"ks_keras_loss", "native_tape_epochs", "ks_epoch_iterators", "ks_metric_reads", "ks_global_batches",
-              "ks_keras_input"}  # run only when --methods names them
+ON_REQUEST = {"ks_keras_loss", "torch_ddp_tensors", "native_tape_epochs", "ks_epoch_iterators", "ks_metric_reads",
+              "ks_global_batches", "ks_keras_input"}  # run only when --methods names them
 
 NOT_RUN = {
     ("tensorflow", "multi_worker", "native"):
@@ -128,6 +129,7 @@ LABELS = {
     "native_tape_epochs": "the same loop, a new distributed iterator each epoch as Keras fit makes",
     "keras_ddp": "Keras model + hand-written DDP loop",
     "torch_ddp": "torch.nn + DDP loop (lower bound)",
+    "torch_ddp_tensors": "torch.nn + DDP loop, batches sliced from tensors in memory (no DataLoader)",
     "keras_fit": "plain Keras fit, no distribution (Keras's own step cost)",
     "ks_keras_loss": "keras_strategies with Keras's own loss path (before backends/torch/fused_loss.py)",
     "ks_epoch_iterators": "keras_strategies with a new input iterator each epoch (and validation), as Keras makes "
@@ -157,7 +159,7 @@ def label(backend, strategy, method):
 
 
 def role(method):
-    return {"ks": "A", "torch_ddp": "lower bound", "native_tape": "lower bound", "native_tape_epochs": "lower bound",
+    return {"ks": "A", "torch_ddp": "lower bound", "torch_ddp_tensors": "lower bound", "native_tape": "lower bound", "native_tape_epochs": "lower bound",
             "keras_fit": "reference"}.get(method, "B")
 
 

@@ -22,6 +22,11 @@ Methods:
                (experimental_distribute_dataset; on request only)
     keras_ddp  torch: hand-written DDP loop over the Keras model (Keras guide)
     torch_ddp  torch: hand-written DDP loop over an equivalent torch.nn model
+    torch_ddp_tensors  torch: the same loop with its batches sliced from
+               tensors already in memory (each rank its contiguous part of
+               every global batch, as ours reads) instead of a DataLoader: a
+               step as short as ours, so its all-reduce and lockstep weigh
+               what they weigh in ours (on request only)
     keras_fit  torch, 1 process: plain Keras fit without any distribution, a
                reference for Keras's own per-step cost (what no strategy can
                go below) beside the torch.nn loop
@@ -60,7 +65,7 @@ from workloads import (OPTIMIZERS, build_keras, build_torch, keras_optimizer, ma
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", required=True, choices=["ks", "native", "native_sync_bn", "native_tape", "native_tape_epochs", "keras_ddp",
-                                                      "torch_ddp", "keras_fit", "ks_keras_loss",
+                                                      "torch_ddp", "torch_ddp_tensors", "keras_fit", "ks_keras_loss",
                                                       "ks_epoch_iterators", "ks_metric_reads",
                                                       "ks_global_batches", "ks_keras_input"])
 parser.add_argument("--strategy", required=True,
@@ -325,7 +330,7 @@ def run_torch_loop():
     torch.manual_seed(0)
     set_seed(0)
     xs = x
-    if args.method == "torch_ddp":
+    if args.method in ("torch_ddp", "torch_ddp_tensors"):
         model = build_torch(args.workload).to(device)
         if xs.ndim == 4:
             xs = np.ascontiguousarray(xs.transpose(0, 3, 1, 2))  # NHWC -> NCHW
@@ -335,6 +340,11 @@ def run_torch_loop():
     sampler = DistributedSampler(dataset, num_replicas=WORLD, rank=RANK, shuffle=False)
     # the DDP tutorial's loader: pinned host batches, copied to the GPU asynchronously
     loader = DataLoader(dataset, batch_size=args.batch // WORLD, sampler=sampler, pin_memory=gpu)
+    if args.method == "torch_ddp_tensors":  # this rank's part of each global batch, sliced in memory
+        part = args.batch // WORLD
+        xt, yt = (torch.from_numpy(a).to(device) for a in (xs, y.astype("int64")))
+        loader = [(xt[i + RANK * part:i + (RANK + 1) * part], yt[i + RANK * part:i + (RANK + 1) * part])
+                  for i in range(0, len(xt) - args.batch + 1, args.batch)]
     start = time.perf_counter()
     ddp = DDP(model, device_ids=[device.index] if gpu else None)
     optimizer = torch_optimizer(args.optimizer, ddp.parameters())
@@ -424,7 +434,7 @@ def run_tf_tape_loop():
     return epoch_times, epoch_cpu, first, steps_seen
 
 
-if args.method in ("keras_ddp", "torch_ddp"):
+if args.method in ("keras_ddp", "torch_ddp", "torch_ddp_tensors"):
     epoch_times, epoch_cpu, first_step, steps_seen = run_torch_loop()
 elif args.method in ("native_tape", "native_tape_epochs"):
     epoch_times, epoch_cpu, first_step, steps_seen = run_tf_tape_loop()

@@ -22,7 +22,7 @@ BACKEND = keras.backend.backend()
 # TensorFlow also runs MultiWorkerMirrored against its hand-written native loops
 # (Keras's own fit cannot run under MultiWorkerMirroredStrategy).
 STRATEGY = {"torch": "multi_worker", "tensorflow": "mirrored,multi_worker"}.get(BACKEND, "mirrored")
-METHODS = {"torch": "ks,keras_ddp", "tensorflow": "ks,native,native_tape,native_tape_epochs"}.get(BACKEND, "ks,native")
+METHODS = {"torch": "ks,keras_ddp,torch_ddp_tensors", "tensorflow": "ks,native,native_tape,native_tape_epochs"}.get(BACKEND, "ks,native")
 
 
 def test_benchmark_smoke(tmp_path):
@@ -51,6 +51,8 @@ def test_benchmark_smoke(tmp_path):
         assert {("multi_worker", "ks"), ("multi_worker", "native_tape"),
                 ("multi_worker", "native_tape_epochs"), ("mirrored", "native")} <= measured, measured
         assert {r["role"] for r in results if r["method"].startswith("native_tape")} == {"lower bound"}
+    if BACKEND == "torch":  # the loop with its batches in memory: on request, a lower bound
+        assert {r["role"] for r in results if r["method"] == "torch_ddp_tensors"} == {"lower bound"}, results
     assert data["meta"]["config"]["optimizer"] == "SGD(learning_rate=0.01, momentum=0.9)"
 
 
