@@ -60,7 +60,8 @@ def parse(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256, help="global batch (each of the pair runs half)")
     parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
-    parser.add_argument("--method", default="native", choices=["native", "ks", "torch_ddp", "torch_ddp_tensors", "keras_ddp"],
+    parser.add_argument("--method", default="native",
+                        choices=["native", "ks", "torch_ddp", "torch_ddp_tensors", "keras_ddp"],
                         help="native: plain Keras fit; ks: ours, fit(distribution=MultiWorkerMirrored()), each "
                              "process a job of one; torch: the DDP loops of run.py, each process a job of one")
     parser.add_argument("--pin", choices=["auto", "0", "1"], default="auto",
@@ -196,7 +197,8 @@ def markdown(data):
     return (f"Run {data['date']} on {data['machine']['cpu']} ({data['machine']['cores']} cores), {data['seconds']} s. "
             f"Method `{o['method']}`, pin `{o['pin']}`, {o['rounds']} rounds, {o['steps']} steps an epoch, "
             f"{o['epochs']} epochs a run (the first {o['warmup_epochs']} left out), global batch {o['batch']}, "
-            f"{o['optimizer']}, host memory `{o.get('host_memory', 'default')}`. Versions: {data['versions']}. Samples/s, medians (benchmarks/ceiling.py).\n\n"
+            f"{o['optimizer']}, host memory `{o.get('host_memory', 'default')}`. Versions: {data['versions']}. "
+            f"Samples/s, medians (benchmarks/ceiling.py).\n\n"
             f"{table(data)}\n")
 
 

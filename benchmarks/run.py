@@ -159,7 +159,8 @@ def label(backend, strategy, method):
 
 
 def role(method):
-    return {"ks": "A", "torch_ddp": "lower bound", "torch_ddp_tensors": "lower bound", "native_tape": "lower bound", "native_tape_epochs": "lower bound",
+    return {"ks": "A", "torch_ddp": "lower bound", "torch_ddp_tensors": "lower bound", "native_tape": "lower bound",
+            "native_tape_epochs": "lower bound",
             "keras_fit": "reference"}.get(method, "B")
 
 

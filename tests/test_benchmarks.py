@@ -22,7 +22,8 @@ BACKEND = keras.backend.backend()
 # TensorFlow also runs MultiWorkerMirrored against its hand-written native loops
 # (Keras's own fit cannot run under MultiWorkerMirroredStrategy).
 STRATEGY = {"torch": "multi_worker", "tensorflow": "mirrored,multi_worker"}.get(BACKEND, "mirrored")
-METHODS = {"torch": "ks,keras_ddp,torch_ddp_tensors", "tensorflow": "ks,native,native_tape,native_tape_epochs"}.get(BACKEND, "ks,native")
+METHODS = {"torch": "ks,keras_ddp,torch_ddp_tensors",
+           "tensorflow": "ks,native,native_tape,native_tape_epochs"}.get(BACKEND, "ks,native")
 
 
 def test_benchmark_smoke(tmp_path):
