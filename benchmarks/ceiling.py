@@ -126,7 +126,7 @@ def measure(way, backend, args, tmp):
         out = os.path.join(tmp, f"{way}-{time.time_ns()}")
         report = finish(start(backend, args.batch if way == "alone" else half, args, out), out, args.timeout)
         samples, cores = steady(report, args.warmup_epochs)
-        return {"samples_per_s": samples, "cores_busy": median(cores)}
+        return {"samples_per_s": samples, "cores_busy": median(cores), "method": report["method"]}
     barrier = tempfile.mkdtemp(dir=tmp)
     pin = args.pin == "1" or (args.pin == "auto" and backend == "torch")
     cores = sorted(os.sched_getaffinity(0))
@@ -148,7 +148,8 @@ def measure(way, backend, args, tmp):
         raise RuntimeError(f"the pair's measured epochs did not overlap (window {window}); more --epochs")
     return {"samples_per_s": [median(samples) for samples, _ in each],
             "epochs_counted": [len(samples) for samples, _ in each],
-            "cores_busy": [median(cores) for _, cores in each], "cores": [r.get("cores") for r in reports]}
+            "cores_busy": [median(cores) for _, cores in each], "cores": [r.get("cores") for r in reports],
+            "method": [r["method"] for r in reports]}
 
 
 def main(argv=None):

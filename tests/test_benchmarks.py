@@ -221,10 +221,13 @@ def test_warmup_epochs_leave_out_the_leading_epochs(tmp_path, monkeypatch):
         run.main(["--warmup-epochs", "4", "--epochs", "4", "--out", str(tmp_path / "r.json")])
 
 
-def test_ceiling_smoke(tmp_path):
+@pytest.mark.parametrize("method", ["native", "ks"])
+def test_ceiling_smoke(tmp_path, method):
     """benchmarks/ceiling.py (torch: the fastest start): one process alone at
     the batch and at half of it, then two at half side by side, each pinned
-    to its own core, their throughput counted over epochs both ran through."""
+    to its own core, their throughput counted over epochs both ran through;
+    plain Keras fit, and ours (each process a job of one, every process given
+    the host-memory settings)."""
     if BACKEND != "torch":
         pytest.skip("one backend is enough: the script's logic is the same for each")
     if len(os.sched_getaffinity(0)) < 2:
@@ -232,7 +235,8 @@ def test_ceiling_smoke(tmp_path):
     out = tmp_path / "ceiling.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "ceiling.py"), "--backends", "torch", "--workloads", "mlp",
-         "--rounds", "1", "--epochs", "6", "--steps", "20", "--batch", "64", "--out", str(out)],
+         "--rounds", "1", "--epochs", "6", "--steps", "20", "--batch", "64", "--out", str(out), "--method", method]
+        + (["--host-memory", "keep"] if method == "ks" else []),
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -242,6 +246,10 @@ def test_ceiling_smoke(tmp_path):
     assert len(pair["cores"][0]) == len(pair["cores"][1]) == 1 and pair["cores"][0] != pair["cores"][1], pair
     assert result["ceiling"] == pytest.approx(result["pair"] / (2 * result["alone"]))
     assert all(result[k] > 0 for k in ("alone", "alone_half", "pair")), result
+    assert [r["method"] for way in ("alone", "alone_half") for r in result["runs"][way]] == [method] * 2, result
+    assert pair["method"] == [method] * 2, pair
+    header = (tmp_path / "ceiling.md").read_text().splitlines()[0]
+    assert f"Method `{method}`" in header and f"host memory `{'keep' if method == 'ks' else 'default'}`" in header, header
 
 
 def test_before_after_smoke(tmp_path):
