@@ -252,6 +252,35 @@ def test_ceiling_smoke(tmp_path, method):
     assert f"Method `{method}`" in header and f"host memory `{'keep' if method == 'ks' else 'default'}`" in header, header
 
 
+def test_allreduce_share_smoke(tmp_path):
+    """benchmarks/allreduce_share.py (torch only): ours and the plain torch.nn
+    DDP loop in turns, one process, two, and two whose hook returns its bucket
+    unsummed: every step timed after the first epoch, the all-reduce timed in
+    `two` only, and the predicted step at least the free ranks' slower mean."""
+    if BACKEND != "torch":
+        pytest.skip("benchmarks/allreduce_share.py measures PyTorch's DDP step")
+    out = tmp_path / "share.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "allreduce_share.py"), "--method", "ks,torch",
+         "--rounds", "1", "--steps", "4", "--epochs", "2", "--workload", "mlp", "--timeout", "150",
+         "--json", str(out), "--out", str(tmp_path / "share.txt")],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [r["method"] for r in rounds] == ["ks", "torch"], rounds
+    for r in rounds:
+        runs = r["runs"]
+        assert [len(runs[name]) for name in ("one", "two", "free")] == [1, 2, 2], runs
+        for rank in runs["one"] + runs["two"] + runs["free"]:
+            assert len(rank["step_ms"]) == 3 and min(rank["step_ms"]) > 0, rank  # epoch 2, its first step left out
+        assert all(min(rank["hook_ms"]) > 0 for rank in runs["two"]), runs["two"]  # the all-reduce, timed
+        assert all(rank["hook_ms"] == [0.0] for rank in runs["free"]), runs["free"]  # no all-reduce there
+        assert r["predicted_ms"] >= max(r["free_ms"]) and r["allreduce_ms"] > 0, r
+        assert r["scaling_two"] == pytest.approx(r["one_ms"] / (2 * r["two_ms"]))
+    assert "ks: median over rounds" in (tmp_path / "share.txt").read_text()
+
+
 def test_before_after_smoke(tmp_path):
     """benchmarks/before_after.py: run.py from a worktree of a commit and from
     the working tree, in turns (the earlier tree importing its own code, which the script checks), and the
