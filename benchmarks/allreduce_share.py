@@ -40,6 +40,7 @@ Writes OUT (the printed table) and JSON (every step time) when given.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -229,7 +230,7 @@ def main():
     out.append("")
     for method in methods:
         mine = [r for r in rounds if r["method"] == method]
-        med = lambda key: sorted(r[key] for r in mine)[len(mine) // 2]  # noqa: E731 (upper median)
+        med = lambda key: statistics.median(r[key] for r in mine)  # noqa: E731
         out.append(f"{method}: median over rounds, scaling two {med('scaling_two'):.3f}, free "
                    f"{med('scaling_free'):.3f}, predicted {med('scaling_predicted'):.3f}")
         print(out[-1], flush=True)
