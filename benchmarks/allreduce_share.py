@@ -28,8 +28,9 @@ mean (one; two, the slower rank; free, each rank) and the standard deviation
 of the free ranks' steps; `E[max]`, the mean of max(a, b) over random pairings
 of the free ranks' steps, which is what two ranks that must wait for each
 other at every step would take if nothing else changed; `+ all-reduce`, that
-plus the median time the faster rank spends in the hook (gloo's all-reduce
-itself, the other rank having arrived); and the scalings: `two` (one's step /
+plus the median time in the hook of the rank that waits there least (the
+one that mostly arrives last: gloo's all-reduce itself, the other rank having
+arrived); and the scalings: `two` (one's step /
 (2 x two's step), the throughput ratio run.py reports), `free` (the same from
 the free slower rank's mean: no communication, no waiting), `predicted` (from
 `+ all-reduce`). When `predicted` is close to `two`, what `two` loses beyond
